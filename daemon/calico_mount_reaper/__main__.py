@@ -1,0 +1,3 @@
+from calico_mount_reaper.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,228 @@
+"""The TOML config: defaults, validation and where it is looked for.
+
+Every mistake is reported with the file, the key and what was expected, and a config that
+fails validation is never half-applied: the caller gets either a whole Config or a ConfigError.
+
+Example (every key optional)::
+
+    grace_period = 10          # seconds a target must stay orphaned before it is reaped
+    rescan_interval = 60       # seconds between safety-net re-reads of the mount table
+    reap_on_stop = "shutdown"  # "shutdown", "always" or "never"
+    builtin_targets = true     # keep the built-in Calico and Cilium rules
+    busy_retries = 4           # EBUSY retries before detaching or giving up
+    busy_backoff = 0.05        # first retry delay in seconds; doubles each time
+    remove_mount_point = true  # rmdir the emptied mount-point directory on a normal filesystem
+    kubelet_unit = "kubelet.service"
+    metrics_path = ""          # node_exporter textfile, e.g. /var/lib/node_exporter/reaper.prom
+
+    [[target]]
+    name = "calico-custom"     # CALICO_CGROUP_PATH moved elsewhere
+    prefix = "/var/run/calico-custom"
+    fstypes = ["cgroup2"]
+    owners = ["calico-node"]
+    detach_on_busy = true
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from calico_mount_reaper.targets import BUILTIN_RULES, Rule, is_denied, normalize_path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on older Pythons only
+    import tomli as tomllib
+
+DEFAULT_PATH = "/etc/calico-mount-reaper/config.toml"
+ENV_VAR = "CALICO_MOUNT_REAPER_CONFIG"
+REAP_ON_STOP_CHOICES = ("shutdown", "always", "never")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used. The message names the file and the key."""
+
+    def __init__(self, source: str, key: str | None, problem: str) -> None:
+        where = f"{source}: key '{key}'" if key else source
+        super().__init__(f"{where}: {problem}")
+        self.source, self.key, self.problem = source, key, problem
+
+
+@dataclass(frozen=True)
+class Config:
+    rules: tuple[Rule, ...] = BUILTIN_RULES
+    grace_period: float = 10.0
+    rescan_interval: float = 60.0
+    reap_on_stop: str = "shutdown"
+    busy_retries: int = 4
+    busy_backoff: float = 0.05
+    remove_mount_point: bool = True
+    kubelet_unit: str = "kubelet.service"
+    metrics_path: str = ""
+    source: str = field(default="(built-in defaults)", compare=False)
+
+    @property
+    def owner_names(self) -> frozenset[str]:
+        return frozenset(name for rule in self.rules for name in rule.owners)
+
+
+def _number(minimum: float) -> Callable[[str, str, Any], float]:
+    def check(source: str, key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+            raise ConfigError(source, key, f"expected a number >= {minimum:g}, got {value!r}")
+        return float(value)
+
+    return check
+
+
+def _integer(source: str, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(source, key, f"expected a whole number >= 0, got {value!r}")
+    return value
+
+
+def _boolean(source: str, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(source, key, f"expected true or false, got {value!r}")
+    return value
+
+
+def _string(source: str, key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(source, key, f"expected a string, got {value!r}")
+    return value
+
+
+def _reap_on_stop(source: str, key: str, value: Any) -> str:
+    if value not in REAP_ON_STOP_CHOICES:
+        choices = ", ".join(f'"{c}"' for c in REAP_ON_STOP_CHOICES)
+        raise ConfigError(source, key, f"expected one of {choices}, got {value!r}")
+    return str(value)
+
+
+def _metrics_path(source: str, key: str, value: Any) -> str:
+    path = _string(source, key, value)
+    if path and not os.path.isabs(path):
+        raise ConfigError(source, key, f"expected an absolute path or \"\", got {path!r}")
+    return path
+
+
+_SCALARS: dict[str, Callable[[str, str, Any], Any]] = {
+    "grace_period": _number(0),
+    "rescan_interval": _number(1),
+    "reap_on_stop": _reap_on_stop,
+    "busy_retries": _integer,
+    "busy_backoff": _number(0),
+    "remove_mount_point": _boolean,
+    "kubelet_unit": _string,
+    "metrics_path": _metrics_path,
+}
+_TOP_KEYS = {*_SCALARS, "builtin_targets", "target"}
+_RULE_KEYS = {"name", "prefix", "fstypes", "owners", "detach_on_busy"}
+
+
+def _string_list(source: str, key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(
+        isinstance(v, str) and v for v in value
+    ):
+        raise ConfigError(source, key, f"expected a non-empty list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _parse_rule(source: str, index: int, table: Any) -> Rule:
+    where = f"target[{index}]"
+    if not isinstance(table, dict):
+        raise ConfigError(source, where, "expected a table ([[target]])")
+    unknown = sorted(set(table) - _RULE_KEYS)
+    if unknown:
+        allowed = ", ".join(sorted(_RULE_KEYS))
+        raise ConfigError(source, f"{where}.{unknown[0]}", f"unknown key (allowed: {allowed})")
+    for required in ("name", "prefix", "fstypes", "owners"):
+        if required not in table:
+            raise ConfigError(source, f"{where}.{required}", "missing; every target needs it")
+    name = _string(source, f"{where}.name", table["name"])
+    prefix = _string(source, f"{where}.prefix", table["prefix"])
+    if not prefix.startswith("/") or "/../" in prefix + "/" or "\0" in prefix:
+        raise ConfigError(source, f"{where}.prefix", f"expected an absolute path, got {prefix!r}")
+    norm = normalize_path(prefix)
+    if is_denied(norm):
+        raise ConfigError(
+            source, f"{where}.prefix", f"{prefix!r} is on the hard deny-list and is never reaped"
+        )
+    return Rule(
+        name=name,
+        prefix=norm,
+        fstypes=frozenset(_string_list(source, f"{where}.fstypes", table["fstypes"])),
+        owners=_string_list(source, f"{where}.owners", table["owners"]),
+        detach_on_busy=_boolean(
+            source, f"{where}.detach_on_busy", table.get("detach_on_busy", True)
+        ),
+    )
+
+
+def from_mapping(data: Mapping[str, Any], source: str) -> Config:
+    """Validate a parsed TOML document into a Config."""
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        allowed = ", ".join(sorted(_TOP_KEYS))
+        raise ConfigError(source, unknown[0], f"unknown key (allowed: {allowed})")
+    values = {key: check(source, key, data[key]) for key, check in _SCALARS.items() if key in data}
+    builtin = _boolean(source, "builtin_targets", data.get("builtin_targets", True))
+    tables = data.get("target", [])
+    if not isinstance(tables, list):
+        raise ConfigError(source, "target", "expected an array of tables ([[target]])")
+    rules = (*(BUILTIN_RULES if builtin else ()), *(
+        _parse_rule(source, i, t) for i, t in enumerate(tables)
+    ))
+    if not rules:
+        raise ConfigError(source, "builtin_targets", "no targets left: add a [[target]]")
+    return replace(Config(), rules=rules, source=source, **values)
+
+
+def check_trust(path: str, st: os.stat_result) -> None:
+    """Refuse a config that someone other than root (or us) could have written."""
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(path, None, "not a regular file")
+    if st.st_mode & stat.S_IWOTH:
+        raise ConfigError(path, None, f"is world-writable; fix with: chmod o-w {path}")
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError(path, None, f"is owned by uid {st.st_uid}; fix with: chown root {path}")
+
+
+def load_file(path: str) -> Config:
+    """Load and validate one config file. Symlinks are refused: they are an easy redirection."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigError(path, None, "does not exist") from None
+    except OSError as exc:
+        if os.path.islink(path):
+            raise ConfigError(path, None, "is a symlink; point --config at the real file") from None
+        raise ConfigError(path, None, f"cannot be opened: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        check_trust(path, os.fstat(f.fileno()))
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(path, None, f"is not valid TOML: {exc}") from None
+    return from_mapping(data, path)
+
+
+def resolve_path(explicit: str | None, environ: Mapping[str, str]) -> str | None:
+    """--config wins, then the env var (both must exist), then the default file if present."""
+    if explicit:
+        return explicit
+    if environ.get(ENV_VAR):
+        return environ[ENV_VAR]
+    return DEFAULT_PATH if os.path.lexists(DEFAULT_PATH) else None
+
+
+def load(explicit: str | None = None, environ: Mapping[str, str] = os.environ) -> Config:
+    """The Config to run with; built-in defaults when no file is configured or installed."""
+    path = resolve_path(explicit, environ)
+    return Config() if path is None else load_file(path)

@@ -1,0 +1,132 @@
+"""Who is alive: owner processes and kubelet.
+
+*In use* means an owner process of the rule is alive anywhere on the node; *held* means
+kubelet.service is active. The process scan reads ``/proc/*/comm`` and argv[0], which sees
+every PID namespace when run from the host's. kubelet is asked over D-Bus when a system bus
+exists; without one, a running ``kubelet`` process counts, and the state says which way was
+used so that operators can tell a guess from an answer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+# /proc/<pid>/comm holds at most 15 bytes of the executable's name.
+COMM_LEN = 15
+
+
+@dataclass(frozen=True)
+class Process:
+    pid: int
+    comm: str
+    argv0: str  # basename of argv[0]; "" for kernel threads and zombies
+
+    def is_named(self, name: str) -> bool:
+        # A long name only shows truncated in comm; matching the prefix errs towards "in use".
+        return self.argv0 == name or self.comm == name[:COMM_LEN]
+
+
+@dataclass(frozen=True)
+class KubeletState:
+    """``active`` is None when it could not be learned at all."""
+
+    active: bool | None
+    source: str  # "dbus", "process" or "none"
+    unit_file_state: str = ""  # enabled, disabled, masked, ... (D-Bus only)
+    load_state: str = ""  # loaded, not-found, masked, ... (D-Bus only)
+    detail: str = ""
+
+    @property
+    def decommissioned(self) -> bool:
+        """kubelet.service was disabled, masked or removed: the node is leaving the cluster."""
+        return self.source == "dbus" and (
+            self.load_state in ("not-found", "masked")
+            or self.unit_file_state in ("disabled", "masked", "masked-runtime")
+        )
+
+
+@dataclass(frozen=True)
+class Liveness:
+    owners: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # name -> live PIDs
+    kubelet: KubeletState = KubeletState(active=False, source="none")
+
+
+def find_owners(processes: Iterable[Process], names: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Map each owner name to the PIDs of live processes with that name (sorted)."""
+    wanted = tuple(names)
+    found: dict[str, list[int]] = {}
+    for proc in processes:
+        for name in wanted:
+            if proc.is_named(name):
+                found.setdefault(name, []).append(proc.pid)
+    return {name: tuple(sorted(pids)) for name, pids in found.items()}
+
+
+def read_process(pid: int, proc_root: str = "/proc") -> Process | None:
+    """One process's names, or None if it is gone (a race with exit is normal here)."""
+    base = f"{proc_root}/{pid}"
+    try:
+        with open(f"{base}/comm", "rb") as f:
+            comm = f.read().rstrip(b"\n").decode("utf-8", "replace")
+        with open(f"{base}/cmdline", "rb") as f:
+            argv0 = f.read(4096).split(b"\0", 1)[0].decode("utf-8", "replace")
+    except OSError:
+        return None
+    return Process(pid, comm, os.path.basename(argv0))
+
+
+def scan_processes(proc_root: str = "/proc") -> Iterator[Process]:
+    """Every process visible in ``proc_root``."""
+    for entry in os.listdir(proc_root):
+        if entry.isdigit():
+            proc = read_process(int(entry), proc_root)
+            if proc is not None:
+                yield proc
+
+
+def kubelet_from_processes(processes: Iterable[Process]) -> KubeletState:
+    """The fallback without a system bus: a running kubelet process counts as active."""
+    pids = find_owners(processes, ["kubelet"]).get("kubelet", ())
+    detail = f"no system bus; kubelet process {'pid ' + str(pids[0]) if pids else 'not found'}"
+    return KubeletState(active=bool(pids), source="process", detail=detail)
+
+
+def kubelet_from_dbus(unit: str = "kubelet.service") -> KubeletState | None:
+    """Ask systemd over the system bus; None when there is no bus to ask."""
+    try:
+        from pystemd.dbusexc import DBusBaseError
+        from pystemd.systemd1 import Unit
+    except ImportError:
+        return None
+    try:
+        u = Unit(unit.encode(), _autoload=True)
+        active = u.Unit.ActiveState.decode()
+        load = u.Unit.LoadState.decode()
+        file_state = u.Unit.UnitFileState.decode()
+    except DBusBaseError:
+        return None
+    return KubeletState(
+        # "deactivating" is not held: kubelet's ExecStopPost (our drop-in) runs in that state.
+        active=active in ("active", "reloading", "activating"),
+        source="dbus",
+        unit_file_state=file_state,
+        load_state=load,
+        detail=f"{unit} is {active} ({load}, {file_state or 'no unit file'})",
+    )
+
+
+def system_bus_present() -> bool:
+    address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/run/dbus/system_bus_socket")
+    return not address.startswith("unix:path=") or os.path.exists(address[len("unix:path=") :])
+
+
+def observe(names: Iterable[str], kubelet_unit: str = "kubelet.service") -> Liveness:
+    """One scan: owner PIDs by name and kubelet's state (D-Bus first, processes as fallback)."""
+    processes = list(scan_processes())
+    kubelet = kubelet_from_dbus(kubelet_unit) if system_bus_present() else None
+    return Liveness(
+        owners=find_owners(processes, names),
+        kubelet=kubelet if kubelet is not None else kubelet_from_processes(processes),
+    )

@@ -1,0 +1,141 @@
+"""Parse /proc/<pid>/mountinfo into plain Mount records.
+
+Format (proc(5)):
+
+    36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue
+    (1)(2)(3)   (4)   (5)      (6)      (7)   (8) (9)   (10)         (11)
+
+Fields 4, 5 and 10 are escaped by the kernel with octal sequences for space, tab, newline and
+backslash (``\\040 \\011 \\012 \\134``); the optional fields (7) run up to the lone ``-``.
+
+Parsing is kept apart from every action on mounts: this module only turns text into data.
+A malformed line is skipped and reported, never raised, so one odd line cannot stop a pass.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+# The kernel's show_path/seq_escape escapes exactly these four bytes in paths.
+_MUST_ESCAPE = re.compile(r"[ \t\n\\]")
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One line of mountinfo. ``index`` is the line's position: later lines are newer mounts."""
+
+    mount_id: int
+    parent_id: int
+    major_minor: str
+    root: str
+    mount_point: str
+    options: str
+    optional_fields: tuple[str, ...]
+    fstype: str
+    source: str
+    super_options: str
+    index: int = 0
+
+    @property
+    def propagation(self) -> str:
+        """``shared``, ``slave``, ``shared+slave``, ``unbindable`` or ``private``."""
+        kinds = [f.split(":", 1)[0] for f in self.optional_fields]
+        if "unbindable" in kinds:
+            return "unbindable"
+        shared, slave = "shared" in kinds, "master" in kinds
+        if shared and slave:
+            return "shared+slave"
+        return "shared" if shared else "slave" if slave else "private"
+
+
+@dataclass(frozen=True)
+class ParseResult:
+    mounts: tuple[Mount, ...]
+    warnings: tuple[str, ...] = field(default=())
+
+
+def unescape(text: str) -> str:
+    """Undo the kernel's octal escapes (``\\040`` -> space)."""
+    if "\\" not in text:
+        return text
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), text)
+
+
+def escape(path: str) -> str:
+    """Escape a path the way the kernel writes it into mountinfo (inverse of `unescape`)."""
+    return _MUST_ESCAPE.sub(lambda m: f"\\{ord(m.group(0)):03o}", path)
+
+
+class MalformedLine(ValueError):
+    """A mountinfo line that does not have the documented shape."""
+
+
+def parse_line(line: str, index: int = 0) -> Mount:
+    """Parse one mountinfo line, raising `MalformedLine` with the reason."""
+    fields = line.split(" ")
+    try:
+        sep = fields.index("-", 6)
+    except ValueError:
+        raise MalformedLine("no ' - ' separator after the optional fields") from None
+    if sep < 6 or len(fields) < sep + 4:
+        raise MalformedLine(f"expected at least {sep + 4} fields, found {len(fields)}")
+    try:
+        mount_id, parent_id = int(fields[0]), int(fields[1])
+    except ValueError:
+        raise MalformedLine("mount ID and parent ID must be integers") from None
+    if ":" not in fields[2]:
+        raise MalformedLine(f"major:minor field {fields[2]!r} has no colon")
+    mount_point = unescape(fields[4])
+    if not mount_point.startswith("/"):
+        raise MalformedLine(f"mount point {mount_point!r} is not absolute")
+    return Mount(
+        mount_id=mount_id,
+        parent_id=parent_id,
+        major_minor=fields[2],
+        root=unescape(fields[3]),
+        mount_point=mount_point,
+        options=fields[5],
+        optional_fields=tuple(f for f in fields[6:sep] if f),
+        fstype=fields[sep + 1],
+        source=unescape(fields[sep + 2]),
+        # Super options never contain a space, but join defensively rather than drop text.
+        super_options=" ".join(fields[sep + 3 :]),
+        index=index,
+    )
+
+
+def parse(text: str) -> ParseResult:
+    """Parse a whole mountinfo text: one pass, linear in the number of lines."""
+    mounts: list[Mount] = []
+    warnings: list[str] = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line:
+            continue
+        try:
+            mounts.append(parse_line(line, index=len(mounts)))
+        except MalformedLine as exc:
+            warnings.append(f"mountinfo line {number} skipped ({exc}): {line[:200]!r}")
+    return ParseResult(tuple(mounts), tuple(warnings))
+
+
+def read(path: str = "/proc/self/mountinfo") -> ParseResult:
+    """Read and parse a mountinfo file.
+
+    The kernel builds the text in one go per read() buffer; reading in one call with a large
+    buffer keeps the view as consistent as the kernel allows.
+    """
+    with open(path, "rb", buffering=0) as f:
+        data = _read_all(f.fileno())
+    return parse(data.decode("utf-8", "surrogateescape"))
+
+
+def _read_all(fd: int) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
