@@ -1,0 +1,275 @@
+"""The unmount engine: umount2 and statx through ctypes, behind an exact mount-ID check.
+
+Every unmount goes through `unmount_planned`, which
+1. asks the kernel which mount the path refers to *right now* (statx ``STATX_MNT_ID`` with
+   ``AT_SYMLINK_NOFOLLOW``; fdinfo on an ``O_PATH|O_NOFOLLOW`` fd on kernels before 5.8) and
+   refuses unless it is exactly the mount that was planned. ``st_dev`` would not do: every
+   cgroup2 mount shares one device number;
+2. calls ``umount2(path, UMOUNT_NOFOLLOW)`` so a symlink swapped in at the last component is
+   never followed;
+3. on EBUSY retries with a doubling backoff, then detaches (``MNT_DETACH``) where allowed, as
+   systemd does for API filesystems at shutdown, and names the processes that hold it.
+
+Nothing here ever deletes inside a mount: the only removal is `remove_mount_point`, an rmdir
+of the emptied mount-point directory on an ordinary filesystem.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+import os
+import time
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
+
+from calico_mount_reaper.mountinfo import Mount
+from calico_mount_reaper.mountinfo import read as read_mountinfo
+
+MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_NO_AUTOMOUNT = 0x800
+STATX_MNT_ID = 0x1000
+_STATX_SIZE = 256
+_STATX_MNT_ID_OFFSET = 144  # struct statx: stx_mnt_id follows the dev/rdev numbers
+
+# Filesystems we must never delete anything in (safety rule 3).
+_SPECIAL_FS_MAGIC = frozenset(
+    {
+        0x63677270,  # CGROUP2_SUPER_MAGIC
+        0x27E0EB,  # CGROUP_SUPER_MAGIC
+        0xCAFE4A11,  # BPF_FS_MAGIC
+        0x62656572,  # SYSFS_MAGIC
+        0x9FA0,  # PROC_SUPER_MAGIC
+    }
+)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class Result(enum.Enum):
+    UNMOUNTED = "unmounted"
+    DETACHED = "detached"
+    ALREADY_GONE = "already-gone"
+    REFUSED = "refused"  # a safety check said no; nothing was touched
+    FAILED = "failed"  # the kernel said no
+    DRY_RUN = "dry-run"
+
+    @property
+    def ok(self) -> bool:
+        return self in (Result.UNMOUNTED, Result.DETACHED, Result.ALREADY_GONE)
+
+
+@dataclass(frozen=True)
+class Blocker:
+    pid: int
+    comm: str
+    how: str  # "cwd", "root" or "fd 7"
+
+    def __str__(self) -> str:
+        return f"{self.comm} (pid {self.pid}, {self.how})"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    mount: Mount
+    result: Result
+    detail: str
+    blockers: tuple[Blocker, ...] = ()
+
+
+@dataclass(frozen=True)
+class BusyPolicy:
+    retries: int = 4
+    backoff: float = 0.05  # seconds before the first retry; doubles each time
+    detach: bool = True
+
+
+class MountIdUnavailable(OSError):
+    """Neither statx nor fdinfo could tell which mount a path is on."""
+
+
+def _statx_mount_id(path: bytes, follow: bool = False) -> int | None:
+    """statx's mount ID for ``path``; None on kernels that do not fill it in (< 5.8)."""
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    flags = AT_NO_AUTOMOUNT | (0 if follow else AT_SYMLINK_NOFOLLOW)
+    if _libc.statx(AT_FDCWD, path, flags, STATX_MNT_ID, buf) != 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            return None
+        raise OSError(err, os.strerror(err), os.fsdecode(path))
+    mask = int.from_bytes(buf.raw[0:4], "little")
+    if not mask & STATX_MNT_ID:
+        return None
+    return int.from_bytes(buf.raw[_STATX_MNT_ID_OFFSET : _STATX_MNT_ID_OFFSET + 8], "little")
+
+
+def _fdinfo_mount_id(path: str) -> int:
+    """The fallback for kernels before 5.8: fdinfo of an O_PATH|O_NOFOLLOW fd."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        found = _fdinfo_mnt_id(f"/proc/self/fdinfo/{fd}")
+    finally:
+        os.close(fd)
+    if found is None:
+        raise MountIdUnavailable(errno.ENOTSUP, "no mnt_id in fdinfo", path)
+    return found
+
+
+def mount_id_of(path: str) -> int:
+    """The ID of the mount ``path`` refers to now, without following a final symlink."""
+    found = _statx_mount_id(os.fsencode(path))
+    return found if found is not None else _fdinfo_mount_id(path)
+
+
+def _umount2(path: str, flags: int) -> int:
+    """umount2(2); returns 0 or the errno."""
+    if _libc.umount2(os.fsencode(path), flags | UMOUNT_NOFOLLOW) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+def mount_exists(mount_id: int, mountinfo_path: str = "/proc/self/mountinfo") -> bool:
+    return any(m.mount_id == mount_id for m in read_mountinfo(mountinfo_path).mounts)
+
+
+def _fdinfo_mnt_id(path: str) -> int | None:
+    with open(path) as f:
+        for line in f:
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    return None
+
+
+def _held_mounts(pid: str, proc_root: str) -> Iterator[tuple[str, int | None]]:
+    """(how, mount ID) for a process's cwd, root and every open fd; silent on races with exit."""
+    for how in ("cwd", "root"):
+        try:
+            # Following the magic link lands on the exact mount the process sees, which is
+            # more precise than comparing paths (those are relative to each process's root).
+            yield how, _statx_mount_id(os.fsencode(f"{proc_root}/{pid}/{how}"), follow=True)
+        except OSError:
+            pass
+    try:
+        fds = os.listdir(f"{proc_root}/{pid}/fdinfo")
+    except OSError:
+        return
+    for fd in fds:
+        try:
+            yield f"fd {fd}", _fdinfo_mnt_id(f"{proc_root}/{pid}/fdinfo/{fd}")
+        except OSError:
+            pass
+
+
+def find_blockers(mount_ids: Collection[int], proc_root: str = "/proc") -> tuple[Blocker, ...]:
+    """Processes whose cwd, root or an open file lies on one of ``mount_ids``."""
+    found = []
+    for pid in os.listdir(proc_root):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        for how, mnt in _held_mounts(pid, proc_root):
+            if mnt in mount_ids:
+                try:
+                    with open(f"{proc_root}/{pid}/comm") as f:
+                        comm = f.read().strip()
+                except OSError:
+                    comm = "?"
+                found.append(Blocker(int(pid), comm, how))
+    return tuple(found)
+
+
+def _check_planned(mount: Mount, mountinfo_path: str) -> Outcome | None:
+    """None if the path still refers to the planned mount; otherwise the outcome to report."""
+    try:
+        current = mount_id_of(mount.mount_point)
+    except FileNotFoundError:
+        return Outcome(mount, Result.ALREADY_GONE, "the mount point no longer exists")
+    except OSError as exc:
+        return Outcome(mount, Result.REFUSED, f"cannot tell which mount the path is on: {exc}")
+    if current == mount.mount_id:
+        return None
+    if not mount_exists(mount.mount_id, mountinfo_path):
+        return Outcome(mount, Result.ALREADY_GONE, "unmounted by someone else (or by propagation)")
+    return Outcome(
+        mount,
+        Result.REFUSED,
+        f"the path now refers to mount {current}, not the planned mount {mount.mount_id} "
+        "(shadowed, or a symlink swapped in); nothing was touched",
+    )
+
+
+def unmount_planned(
+    mount: Mount,
+    policy: BusyPolicy,
+    detach_allowed: bool,
+    *,
+    site_ids: Collection[int] = (),
+    mountinfo_path: str = "/proc/self/mountinfo",
+    sleep: Callable[[float], None] = time.sleep,
+) -> Outcome:
+    """Unmount exactly ``mount`` (by its path), or say why not."""
+    delay = policy.backoff
+    for attempt in range(policy.retries + 1):
+        refused = _check_planned(mount, mountinfo_path)
+        if refused is not None:
+            return refused
+        err = _umount2(mount.mount_point, 0)
+        if err == 0:
+            return Outcome(mount, Result.UNMOUNTED, f"unmounted after {attempt + 1} attempt(s)")
+        if err in (errno.EINVAL, errno.ENOENT):
+            # Gone between the check and the call: a planned mount that vanished is a success.
+            # Anything still listed was refused for another reason (e.g. a locked mount).
+            if not mount_exists(mount.mount_id, mountinfo_path):
+                return Outcome(mount, Result.ALREADY_GONE, "gone before umount2 reached it")
+            return Outcome(mount, Result.FAILED, f"umount2: {os.strerror(err)} (locked mount?)")
+        if err == errno.EPERM:
+            return Outcome(mount, Result.FAILED, "permission denied: run as root (CAP_SYS_ADMIN)")
+        if err != errno.EBUSY:
+            return Outcome(mount, Result.FAILED, f"umount2: {os.strerror(err)}")
+        if attempt < policy.retries:
+            sleep(delay)
+            delay *= 2
+    blockers = find_blockers(set(site_ids) | {mount.mount_id})
+    if not (policy.detach and detach_allowed):
+        return Outcome(mount, Result.FAILED, "busy; detaching is not allowed for it", blockers)
+    refused = _check_planned(mount, mountinfo_path)
+    if refused is not None:
+        return refused
+    err = _umount2(mount.mount_point, MNT_DETACH)
+    if err == 0:
+        return Outcome(mount, Result.DETACHED, "busy; detached (MNT_DETACH)", blockers)
+    return Outcome(mount, Result.FAILED, f"busy; detach failed: {os.strerror(err)}", blockers)
+
+
+def remove_mount_point(path: str) -> str | None:
+    """rmdir the emptied mount-point directory if it sits on an ordinary filesystem.
+
+    Returns why it was kept, or None once removed. Never recursive: a non-empty directory
+    stays (ENOTEMPTY), and a directory on cgroupfs/bpffs/sysfs/procfs is never touched,
+    because an rmdir there removes a real cgroup or pinned object rather than a directory.
+    """
+    parent = os.path.dirname(path) or "/"
+    try:
+        if mount_id_of(path) != mount_id_of(parent):
+            return "still a mount point"
+        if _statfs_type(parent) in _SPECIAL_FS_MAGIC:
+            return "it sits on a cgroup/bpf/sysfs/proc filesystem"
+        os.rmdir(path)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 112)]
+
+
+def _statfs_type(path: str) -> int:
+    buf = _Statfs()
+    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return int(buf.f_type) & 0xFFFFFFFF
