@@ -20,7 +20,6 @@ changed meanwhile, and `read()` re-arms *before* reading so no change can slip b
 
 from __future__ import annotations
 
-import bisect
 import os
 import select
 from collections.abc import Sequence
@@ -125,48 +124,25 @@ def _identity(m: Mount) -> tuple[int, int, str, str, str, str, str]:
 
 
 def diff(old: Sequence[Mount], new: Sequence[Mount]) -> tuple[tuple[Mount, ...], tuple[Mount, ...]]:
-    """``(appeared, gone)`` between two reads of one mount table, in table order.
+    """``(appeared, gone)`` between two reads of one mount table, each in table order.
 
-    Mounts are matched by mount ID and the attributes a mount never changes. The kernel reuses
-    the lowest free mount ID at once, so an unmount and a new mount at the same place between
-    two reads can look the same; but the table lists mounts oldest first, so a re-created mount
-    shows up *after* mounts that used to follow it. Survivors are therefore taken as the
-    longest run of matches that keeps its old order; a match out of that order is reported as
-    gone and appeared. A reuse that stays in order (the mount was and is the newest) cannot be
-    told from mountinfo at all.
+    Mounts are matched by mount ID and the attributes a mount never changes. The kernel hands
+    out the lowest free mount ID again at once, so an unmount and a new mount at the same place
+    between two reads can look alike. Order tells them apart: the table lists mounts oldest
+    first, so every survivor comes before every mount made since the last read, in the same
+    order as before. A match that breaks that order is a re-created mount: gone and appeared.
+    A re-creation that keeps the order (the old mount was already the newest) is invisible
+    in mountinfo and is not reported.
     """
     old_position = {_identity(m): i for i, m in enumerate(old)}
-    matches = [
-        (old_position[key], j)
-        for j, key in enumerate(_identity(m) for m in new)
-        if key in old_position
-    ]
-    kept = _longest_increasing(matches)
-    kept_old = {i for i, _ in kept}
-    kept_new = {j for _, j in kept}
-    appeared = tuple(m for j, m in enumerate(new) if j not in kept_new)
-    gone = tuple(m for i, m in enumerate(old) if i not in kept_old)
-    return appeared, gone
-
-
-def _longest_increasing(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The longest subsequence of ``pairs`` whose first items increase (patience sorting)."""
-    tails: list[int] = []  # tails[k]: smallest first item ending an increasing run of length k+1
-    tail_at: list[int] = []  # index into pairs of that run's last element
-    back: list[int] = []  # back[n]: index of the element before pairs[n] in its run, or -1
-    for n, (value, _) in enumerate(pairs):
-        k = bisect.bisect_left(tails, value)
-        back.append(tail_at[k - 1] if k else -1)
-        if k == len(tails):
-            tails.append(value)
-            tail_at.append(n)
+    kept: set[int] = set()
+    last = -1
+    appeared: list[Mount] = []
+    for m in new:
+        position = old_position.get(_identity(m), -1)
+        if position > last:
+            kept.add(position)
+            last = position
         else:
-            tails[k] = value
-            tail_at[k] = n
-    run: list[tuple[int, int]] = []
-    n = tail_at[-1] if tail_at else -1
-    while n >= 0:
-        run.append(pairs[n])
-        n = back[n]
-    run.reverse()
-    return run
+            appeared.append(m)
+    return tuple(appeared), tuple(m for i, m in enumerate(old) if i not in kept)
