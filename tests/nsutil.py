@@ -72,7 +72,8 @@ def in_namespace(fn: Callable[..., T], *args: Any, net: bool = False, timeout: f
             enter_private_namespace(net)
             payload = pickle.dumps(("ok", fn(*args)))
         except BaseException as exc:
-            payload = pickle.dumps(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+            failure = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+            payload = pickle.dumps(("error", failure))
             status = 1
         with os.fdopen(write_fd, "wb") as f:
             f.write(payload)
@@ -125,7 +126,9 @@ class NamespaceShell:
     def prefix(self) -> list[str]:
         return ["nsenter", "-t", str(self.pid), "-m"] + (["-n"] if self.net else [])
 
-    def run(self, cmd: Sequence[str] | str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, cmd: Sequence[str] | str, check: bool = True, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
         argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
         return subprocess.run(
             self.prefix() + argv, check=check, text=True, capture_output=True, **kw

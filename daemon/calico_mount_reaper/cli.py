@@ -24,7 +24,6 @@ from calico_mount_reaper import __version__
 from calico_mount_reaper.config import Config, ConfigError, load
 from calico_mount_reaper.plan import Mode
 from calico_mount_reaper.reaper import PassReport, in_host_mount_namespace, run_pass
-from calico_mount_reaper.unmount import Result
 
 EXIT_OK, EXIT_REMAIN, EXIT_USAGE, EXIT_NOPERM, EXIT_CONFIG = 0, 1, 2, 77, 78
 JSON_SCHEMA_VERSION = 1
@@ -204,27 +203,36 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     sys.stdout.write(f"{config.source}: OK\n")
     for rule in config.rules:
         types = ",".join(sorted(rule.fstypes))
-        sys.stdout.write(f"  target {rule.name}: {rule.prefix} ({types}) owners {', '.join(rule.owners)}\n")
+        owners = ", ".join(rule.owners)
+        sys.stdout.write(f"  target {rule.name}: {rule.prefix} ({types}) owners {owners}\n")
     return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="calico-mount-reaper",
-        description="Find and safely unmount the cgroup2/bpf mounts Calico and Cilium leave behind.",
+        description="Find and safely unmount the cgroup2/bpf mounts that Calico and Cilium "
+        "leave behind.",
         epilog="Exit codes: 0 nothing left to reap, 1 targets remain, 2 usage, "
         "77 not permitted (run as root), 78 configuration error.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--config", metavar="PATH", help="config file (default: $"
-                        "CALICO_MOUNT_REAPER_CONFIG or /etc/calico-mount-reaper/config.toml)")
+    config_help = ("config file (default: $CALICO_MOUNT_REAPER_CONFIG, else "
+                   "/etc/calico-mount-reaper/config.toml if present, else built-in defaults)")
+    parser.add_argument("--config", metavar="PATH", help=config_help)
+    # Accepted after the command too ("reap --config X"), as people type it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    status = sub.add_parser("status", help="list target mounts and their verdicts")
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    status = add("status", help="list target mounts and their verdicts")
     status.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
 
-    reap = sub.add_parser("reap", help="unmount orphaned target mounts")
+    reap = add("reap", help="unmount orphaned target mounts")
     reap.add_argument("--dry-run", action="store_true", help="plan and report; change nothing")
     reap.add_argument("--force", action="store_true",
                       help="skip the in-use and held checks (node decommission)")
@@ -232,10 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="normal (default), decommission (ignore kubelet), force, shutdown")
     reap.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
 
-    check = sub.add_parser("check-config", help="validate a config file and show the targets")
+    check = add("check-config", help="validate a config file and show the targets")
     check.add_argument("path", nargs="?", help="file to check (default: the one in use)")
 
-    sub.add_parser("demo", help="reproduce the leftover-mount problem and its fix in a sandbox")
+    add("demo", help="reproduce the leftover-mount problem and its fix in a sandbox")
     return parser
 
 

@@ -150,18 +150,20 @@ def _held_mounts(pid: str, proc_root: str) -> Iterator[tuple[str, int | None]]:
         try:
             # Following the magic link lands on the exact mount the process sees, which is
             # more precise than comparing paths (those are relative to each process's root).
-            yield how, _statx_mount_id(os.fsencode(f"{proc_root}/{pid}/{how}"), follow=True)
+            mnt = _statx_mount_id(os.fsencode(f"{proc_root}/{pid}/{how}"), follow=True)
         except OSError:
-            pass
+            continue
+        yield how, mnt
     try:
         fds = os.listdir(f"{proc_root}/{pid}/fdinfo")
     except OSError:
         return
     for fd in fds:
         try:
-            yield f"fd {fd}", _fdinfo_mnt_id(f"{proc_root}/{pid}/fdinfo/{fd}")
+            mnt = _fdinfo_mnt_id(f"{proc_root}/{pid}/fdinfo/{fd}")
         except OSError:
-            pass
+            continue  # closed meanwhile
+        yield f"fd {fd}", mnt
 
 
 def find_blockers(mount_ids: Collection[int], proc_root: str = "/proc") -> tuple[Blocker, ...]:
@@ -184,20 +186,21 @@ def find_blockers(mount_ids: Collection[int], proc_root: str = "/proc") -> tuple
 def _check_planned(mount: Mount, mountinfo_path: str) -> Outcome | None:
     """None if the path still refers to the planned mount; otherwise the outcome to report."""
     try:
-        current = mount_id_of(mount.mount_point)
+        current: int | None = mount_id_of(mount.mount_point)
     except FileNotFoundError:
-        return Outcome(mount, Result.ALREADY_GONE, "the mount point no longer exists")
+        current = None  # gone, or hidden under a mount that lacks the path
     except OSError as exc:
         return Outcome(mount, Result.REFUSED, f"cannot tell which mount the path is on: {exc}")
     if current == mount.mount_id:
         return None
     if not mount_exists(mount.mount_id, mountinfo_path):
         return Outcome(mount, Result.ALREADY_GONE, "unmounted by someone else (or by propagation)")
+    now = "no longer exists" if current is None else f"now refers to mount {current}"
     return Outcome(
         mount,
         Result.REFUSED,
-        f"the path now refers to mount {current}, not the planned mount {mount.mount_id} "
-        "(shadowed, or a symlink swapped in); nothing was touched",
+        f"the path {now}, not the planned mount {mount.mount_id} (shadowed by another mount, "
+        "moved, or a symlink swapped in); nothing was touched",
     )
 
 
