@@ -21,6 +21,10 @@ from dataclasses import dataclass, field
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 # The kernel's show_path/seq_escape escapes exactly these four bytes in paths.
 _MUST_ESCAPE = re.compile(r"[ \t\n\\]")
+# The kernel prints IDs and device numbers with %d/%u: ASCII digits only. int() alone would also
+# take "3_6", "+36" or non-ASCII digits, turning a garbled line into a plausible wrong mount.
+_ID = re.compile(r"[0-9]+")
+_MAJOR_MINOR = re.compile(r"[0-9]+:[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -82,12 +86,11 @@ def parse_line(line: str, index: int = 0) -> Mount:
         raise MalformedLine("no ' - ' separator after the optional fields") from None
     if sep < 6 or len(fields) < sep + 4:
         raise MalformedLine(f"expected at least {sep + 4} fields, found {len(fields)}")
-    try:
-        mount_id, parent_id = int(fields[0]), int(fields[1])
-    except ValueError:
-        raise MalformedLine("mount ID and parent ID must be integers") from None
-    if ":" not in fields[2]:
-        raise MalformedLine(f"major:minor field {fields[2]!r} has no colon")
+    if not (_ID.fullmatch(fields[0]) and _ID.fullmatch(fields[1])):
+        raise MalformedLine("mount ID and parent ID must be integers")
+    mount_id, parent_id = int(fields[0]), int(fields[1])
+    if not _MAJOR_MINOR.fullmatch(fields[2]):
+        raise MalformedLine(f"major:minor field {fields[2]!r} is not two numbers")
     mount_point = unescape(fields[4])
     if not mount_point.startswith("/"):
         raise MalformedLine(f"mount point {mount_point!r} is not absolute")
