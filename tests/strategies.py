@@ -100,7 +100,7 @@ OWNER_NAMES = ("calico-node", "calico-felix", "cilium-agent", "kubelet", "bash")
 
 # Path text with every byte the kernel escapes (space, tab, newline, backslash), octal-looking
 # text that must survive unescaping, and non-ASCII.
-_SEGMENT_ALPHABET = st.sampled_from(list("abc-_.0127 \t\n\\é") + ["\\040", "\\134", "\udcff"])
+_SEGMENT_ALPHABET = st.sampled_from([*"abc-_.0127 \t\n\\é", "\\040", "\\134", "\udcff"])
 segments = st.lists(_SEGMENT_ALPHABET, min_size=1, max_size=6).map("".join).filter(
     lambda s: s not in (".", "..")
 )

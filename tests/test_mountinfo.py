@@ -22,7 +22,9 @@ from strategies import parsed_mount_lists, path_text, render
 
 # The two examples from proc(5) (the first is the documented one, the second its newer wording).
 PROC5_EXAMPLE = "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue"
-PROC5_NEWER = "36 35 98:0 /mnt1 /mnt2 rw,noatime shared:7 master:1 - ext3 /dev/root rw,errors=continue"
+PROC5_NEWER = (
+    "36 35 98:0 /mnt1 /mnt2 rw,noatime shared:7 master:1 - ext3 /dev/root rw,errors=continue"
+)
 # Lines as a Kubernetes node running Calico shows them.
 CALICO_LINE = "1201 29 0:27 / /run/calico/cgroup rw,relatime shared:598 - cgroup2 none rw,seclabel"
 ROOT_LINE = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw,errors=remount-ro"
