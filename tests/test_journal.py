@@ -12,8 +12,11 @@ import io
 import logging
 import os
 import re
+import shutil
 import socket
 import struct
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -232,7 +235,7 @@ def test_journal_only_when_stderr_is_the_journal_stream() -> None:
     assert in_namespace(_sink_with_socket, False) == Sink.PREFIXED.value
 
 
-def test_no_journal_socket_means_prefixed_stderr(tmp_path: Any) -> None:
+def test_no_journal_socket_means_prefixed_stderr(tmp_path: Path) -> None:
     read_fd, write_fd = os.pipe()
     st = os.fstat(write_fd)
     with os.fdopen(write_fd, "w") as stream:
@@ -304,3 +307,47 @@ def test_setup_is_idempotent_and_does_not_propagate() -> None:
     logging.getLogger("calico_mount_reaper.x").debug("once")
     assert err.getvalue() == "<7>once\n"
     assert logger.propagate is False
+
+
+CATALOG = Path(__file__).resolve().parent.parent / "systemd" / "calico-mount-reaper.catalog"
+
+
+def parse_catalog(text: str) -> dict[str, dict[str, str]]:
+    """``-- <id>`` blocks (journalctl(1) catalog format) -> id -> headers, plus "body"."""
+    entries: dict[str, dict[str, str]] = {}
+    for block in re.split(r"^-- ", text, flags=re.M)[1:]:
+        first, _, rest = block.partition("\n")
+        head, _, body = rest.partition("\n\n")
+        entry = dict(line.split(": ", 1) for line in head.splitlines())
+        entry["body"] = body.strip()
+        assert first not in entries, f"{first} defined twice"
+        entries[first] = entry
+    return entries
+
+
+def test_every_message_id_has_a_catalog_entry_and_no_other() -> None:
+    entries = parse_catalog(CATALOG.read_text())
+    assert set(entries) == set(MESSAGE_IDS.values())
+    for message_id, entry in entries.items():
+        assert entry["Defined-By"] == "calico-mount-reaper", message_id
+        assert entry["Subject"] and entry["Support"], message_id
+        assert len(entry["body"]) > 80, f"{message_id}: say what happened and what to do"
+
+
+def test_journalctl_accepts_the_catalog(tmp_path: Path) -> None:
+    if shutil.which("journalctl") is None:
+        pytest.skip("journalctl is not installed: only the parser above checked the catalog")
+    catalog_dir = tmp_path / "usr/lib/systemd/catalog"
+    catalog_dir.mkdir(parents=True)
+    shutil.copy(CATALOG, catalog_dir)
+    update = subprocess.run(
+        ["journalctl", f"--root={tmp_path}", "--update-catalog"], capture_output=True, text=True
+    )
+    assert (update.returncode, update.stderr) == (0, "")
+    listed = subprocess.run(
+        ["journalctl", f"--root={tmp_path}", "--list-catalog"],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()
+    ids = {line.split(" ", 1)[0] for line in listed}
+    assert ids == set(MESSAGE_IDS.values())
+    assert all(line.split(" ", 1)[1].startswith("calico-mount-reaper: ") for line in listed)
