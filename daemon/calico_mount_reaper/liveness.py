@@ -94,27 +94,23 @@ def kubelet_from_processes(processes: Iterable[Process]) -> KubeletState:
 
 
 def kubelet_from_dbus(unit: str = "kubelet.service") -> KubeletState | None:
-    """Ask systemd over the system bus; None when there is no bus to ask."""
+    """Ask systemd over the system bus; None when there is no bus (or no systemd) to ask."""
     try:
         from pystemd.dbusexc import DBusBaseError
-        from pystemd.systemd1 import Unit
+        from pystemd.dbuslib import DBus
     except ImportError:
         return None
+    # Imported here: the D-Bus protocol lives with the systemd event source, which imports us.
+    from calico_mount_reaper.sources.systemd import query_kubelet
+
+    bus = DBus()
     try:
-        u = Unit(unit.encode(), _autoload=True)
-        active = u.Unit.ActiveState.decode()
-        load = u.Unit.LoadState.decode()
-        file_state = u.Unit.UnitFileState.decode()
+        bus.open()
+        return query_kubelet(bus, unit)
     except DBusBaseError:
         return None
-    return KubeletState(
-        # "deactivating" is not held: kubelet's ExecStopPost (our drop-in) runs in that state.
-        active=active in ("active", "reloading", "activating"),
-        source="dbus",
-        unit_file_state=file_state,
-        load_state=load,
-        detail=f"{unit} is {active} ({load}, {file_state or 'no unit file'})",
-    )
+    finally:
+        bus.close()  # also right after a failed open(): sd-bus accepts closing a NULL bus
 
 
 def system_bus_present() -> bool:
