@@ -196,6 +196,10 @@ class JournalHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             entry = [name.encode() + b"=" + value for name, value in journal_fields(record).items()]
+        except Exception:  # a broken record (bad format args), not a journal problem
+            self.handleError(record)  # prints it with a traceback to stderr, as logging does
+            return
+        try:
             # connect() on a datagram socket fails with ENOENT when the socket is gone and
             # ECONNREFUSED when nobody reads it: the failures pystemd's sendv would hide.
             self._probe.connect(self.socket_path)
