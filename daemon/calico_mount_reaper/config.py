@@ -25,6 +25,7 @@ Example (every key optional)::
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import sys
@@ -73,8 +74,14 @@ class Config:
 
 def _number(minimum: float) -> Callable[[str, str, Any], float]:
     def check(source: str, key: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-            raise ConfigError(source, key, f"expected a number >= {minimum:g}, got {value!r}")
+        # TOML has nan and inf; neither is a usable duration (nan even compares as "not below").
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < minimum
+        ):
+            raise ConfigError(source, key, f"expected a finite number >= {minimum:g}, got {value!r}")
         return float(value)
 
     return check
