@@ -204,15 +204,23 @@ def check_trust(path: str, st: os.stat_result) -> None:
 def load_file(path: str) -> Config:
     """Load and validate one config file. Symlinks are refused: they are an easy redirection."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a planted FIFO must not hang the start or a reload; it is refused
+        # below as not a regular file. Reads from a regular file ignore the flag.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ConfigError(path, None, "does not exist") from None
     except OSError as exc:
         if os.path.islink(path):
             raise ConfigError(path, None, "is a symlink; point --config at the real file") from None
         raise ConfigError(path, None, f"cannot be opened: {exc.strerror}") from None
+    try:
+        # Checked on the fd before wrapping it: fdopen itself refuses a directory with a raw
+        # IsADirectoryError instead of our message.
+        check_trust(path, os.fstat(fd))
+    except ConfigError:
+        os.close(fd)
+        raise
     with os.fdopen(fd, "rb") as f:
-        check_trust(path, os.fstat(f.fileno()))
         try:
             data = tomllib.load(f)
         except tomllib.TOMLDecodeError as exc:
