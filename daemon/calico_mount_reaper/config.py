@@ -223,7 +223,8 @@ def load_file(path: str) -> Config:
     with os.fdopen(fd, "rb") as f:
         try:
             data = tomllib.load(f)
-        except tomllib.TOMLDecodeError as exc:
+        # tomllib decodes the bytes itself: a non-UTF-8 file raises UnicodeDecodeError.
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(path, None, f"is not valid TOML: {exc}") from None
     return from_mapping(data, path)
 
