@@ -81,7 +81,8 @@ def _number(minimum: float) -> Callable[[str, str, Any], float]:
             or not math.isfinite(value)
             or value < minimum
         ):
-            raise ConfigError(source, key, f"expected a finite number >= {minimum:g}, got {value!r}")
+            expected = f"expected a finite number >= {minimum:g}"
+            raise ConfigError(source, key, f"{expected}, got {value!r}")
         return float(value)
 
     return check
