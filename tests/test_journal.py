@@ -16,6 +16,7 @@ import shutil
 import socket
 import struct
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -295,12 +296,21 @@ def test_message_ids_are_stable_distinct_128_bit_ids() -> None:
     for value in MESSAGE_IDS.values():
         assert re.fullmatch(r"[0-9a-f]{32}", value)
     assert set(MESSAGE_IDS) == {
-        "TARGET_APPEARED", "TARGET_GONE", "REAPED", "REAP_REFUSED", "REAP_FAILED", "BUSY",
+        "TARGET_APPEARED", "TARGET_GONE", "VERDICT", "REAPED", "REAP_REFUSED", "REAP_FAILED", "BUSY",
         "DEGRADED", "CONFIG_REJECTED", "STARTED", "STOPPING", "WRONG_NAMESPACE",
     }
 
 
-def test_setup_is_idempotent_and_does_not_propagate() -> None:
+@pytest.fixture
+def package_logger() -> Iterator[logging.Logger]:
+    """setup() configures the process-wide package logger: put it back for the other tests."""
+    logger = logging.getLogger(journal.LOGGER_NAME)
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield logger
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def test_setup_is_idempotent_and_does_not_propagate(package_logger: logging.Logger) -> None:
     err = io.StringIO()
     journal.setup(stream=err)
     logger = journal.setup(verbose=True, stream=err)

@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path", nargs="?", help="file to check (default: the one in use)")
 
     add("demo", help="reproduce the leftover-mount problem and its fix in a sandbox")
+
+    run = add("run", help="serve as the node daemon (a systemd Type=notify service)")
+    run.add_argument("--verbose", action="store_true", help="log debug detail too")
     return parser
 
 
@@ -260,6 +263,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from calico_mount_reaper.demo import run_demo
 
             return run_demo()
+        if args.command == "run":
+            if not has_cap_sys_admin():
+                sys.stderr.write("error: the daemon needs CAP_SYS_ADMIN to unmount; run it as "
+                                 "root (the packaged unit does)\n")
+                return EXIT_NOPERM
+            from calico_mount_reaper.daemon import run as run_daemon
+
+            return run_daemon(args.config, args.verbose)
         config = load(args.config)
         if args.command == "status":
             return cmd_status(args, config)

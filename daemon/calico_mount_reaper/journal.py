@@ -51,6 +51,7 @@ MESSAGE_IDS: Mapping[str, str] = MappingProxyType(
         "TARGET_APPEARED": "c9886f8e07524e91bcaa6896ffb6d6d0",
         "TARGET_GONE": "c99fc0e54feb4ea7a93c71770240c499",
         "REAPED": "339b1705c39742be8c8f7d2f43ccf1f0",
+        "VERDICT": "e2414457ae514d029e5fd3907f5a9634",
         "REAP_REFUSED": "bd02ee495174465bb8e8f59b513dd0d3",
         "REAP_FAILED": "cfb6e1517d4442a6b710a7acd0ce505b",
         "BUSY": "705c0d44dd584085a6e1808f6d0f13fa",

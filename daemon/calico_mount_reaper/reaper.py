@@ -9,7 +9,7 @@ fresh read, never what we hoped happened.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from calico_mount_reaper import mountinfo
@@ -90,9 +90,13 @@ def run_pass(
     liveness: Liveness | None = None,
     observe_liveness: Callable[[Iterable[str], str], Liveness] = observe,
     on_outcome: Callable[[Outcome, Action], None] | None = None,
+    only: Collection[str] | None = None,
     mountinfo_path: str = MOUNTINFO,
 ) -> PassReport:
-    """Reap what ``mode`` allows. ``liveness`` is observed lazily: only when a target exists."""
+    """Reap what ``mode`` allows, limited to the mount points in ``only`` if given.
+
+    ``liveness`` is observed lazily: only when a target exists.
+    """
     report = PassReport(mode, dry_run)
     table = read_table(config, mountinfo_path)
     report.warnings.extend(table.warnings)
@@ -103,11 +107,14 @@ def run_pass(
         if liveness is None:
             liveness = observe_liveness(config.owner_names, config.kubelet_unit)
         current = plan(table.mounts, liveness, mode, config)
+        actions = [a for a in current.actions if only is None or a.site.mount_point in only]
         if round_ == 0:
-            report.assessments = current.assessments
+            report.assessments = tuple(
+                a for a in current.assessments if only is None or a.site.mount_point in only
+            )
         progress = False
-        stale = bool(current.actions)
-        for action in current.actions:
+        stale = bool(actions)
+        for action in actions:
             outcome = _execute(action, config, dry_run, mountinfo_path)
             report.outcomes.append(outcome)
             progress |= outcome.result in (Result.UNMOUNTED, Result.DETACHED)

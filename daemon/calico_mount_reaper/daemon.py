@@ -1,0 +1,478 @@
+"""The node daemon: one selector loop that wires event sources to the core.
+
+Sources (each a thin object over a file descriptor): the mount table (POLLPRI on mountinfo),
+systemd over D-Bus, kernel uevents for dataplane interfaces, pidfds of owner processes, and
+signals (through a wakeup pipe). Every wake only records what happened; `_tick` then decides
+what work is due: a coalesced re-read of the table, a liveness scan, grace timers, a reap.
+Decisions themselves are made by the pure core (plan, grace); this module only schedules.
+
+Idle, the loop sleeps until the next deadline, and the only regular deadline is the watchdog.
+The safety-net rescan rides on a watchdog wake when there is one, so it costs no extra wake-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from calico_mount_reaper import config as config_mod
+from calico_mount_reaper import grace, journal, liveness, metrics
+from calico_mount_reaper.config import Config, ConfigError
+from calico_mount_reaper.mountinfo import Mount
+from calico_mount_reaper.notify import Notifier, watchdog_interval
+from calico_mount_reaper.plan import Action, Assessment, Mode, find_sites, plan
+from calico_mount_reaper.reaper import MOUNTINFO, in_host_mount_namespace, run_pass
+from calico_mount_reaper.sources.mountinfo import Coalescer, MountTableWatch, diff
+from calico_mount_reaper.sources.processes import OwnerExits
+from calico_mount_reaper.targets import rule_for
+from calico_mount_reaper.unmount import Outcome, Result
+
+# Re-reads of the mount table are at least this far apart, however many events arrive.
+REREAD_INTERVAL = 0.2
+BUS_RETRY_FIRST, BUS_RETRY_MAX = 1.0, 60.0
+# Test-only fault switches (README, "Fault switches"): never set on a real node.
+FAULTS_ENV = "CALICO_MOUNT_REAPER_FAULTS"
+
+
+@dataclass
+class State:
+    """What the loop knows between wakes. Plain data: every change goes through the Daemon."""
+
+    mounts: tuple[Mount, ...] = ()
+    liveness: liveness.Liveness = field(default_factory=liveness.Liveness)
+    timers: grace.GraceTimers = field(default_factory=grace.GraceTimers)
+    reasons: dict[tuple[str, tuple[int, ...]], str] = field(default_factory=dict)
+    decommissioned: bool = False
+    shutting_down: bool = False
+    stop_requested: bool = False
+    reload_requested: bool = False
+    liveness_stale: bool = True
+    evaluate_at: float | None = 0.0  # when the verdicts must be looked at again
+    rereads: int = 0
+    counters: metrics.Counters = field(default_factory=metrics.Counters)
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None,
+        log: logging.Logger,
+        notifier: Notifier,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        mountinfo_path: str = MOUNTINFO,
+        bus_address: str | None = None,
+    ) -> None:
+        self.config, self.config_path, self.log, self.notifier = config, config_path, log, notifier
+        self.clock = clock
+        self.mountinfo_path = mountinfo_path
+        self.state = State()
+        self.selector = selectors.DefaultSelector()
+        self.faults = frozenset(filter(None, os.environ.get(FAULTS_ENV, "").split(",")))
+
+        self.mount_watch = MountTableWatch(mountinfo_path)
+        self.coalescer = Coalescer(REREAD_INTERVAL)
+        self.selector.register(self.mount_watch, selectors.EVENT_READ, self._on_mounts)
+        self.owners = OwnerExits()
+        self.selector.register(self.owners, selectors.EVENT_READ, self._on_owner_exit)
+        self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(self._signal_r, selectors.EVENT_READ, self._on_signal)
+
+        self.udev: Any = None
+        self.bus: Any = None
+        self.bus_address = bus_address
+        self.bus_retry_at: float | None = None
+        self.bus_backoff = BUS_RETRY_FIRST
+        self.watchdog = watchdog_interval()
+        now = clock()
+        self.next_ping = now + self.watchdog if self.watchdog else None
+        self.next_rescan = now + config.rescan_interval
+
+    # ---- sources ----------------------------------------------------------------------------
+
+    def _open_udev(self) -> None:
+        from calico_mount_reaper.sources.udev import InterfaceWatch, UdevUnavailable
+
+        try:
+            self.udev = InterfaceWatch()
+        except UdevUnavailable as exc:
+            self._event("DEGRADED", f"no interface events, carrying on without them: {exc}",
+                        logging.WARNING, reason=str(exc), result="no-netlink")
+            return
+        self.selector.register(self.udev, selectors.EVENT_READ, self._on_uevents)
+
+    def _connect_bus(self, now: float) -> None:
+        from calico_mount_reaper.sources.systemd import BusUnavailable, SystemdWatch
+
+        watch = SystemdWatch(self.config.kubelet_unit, self.bus_address)
+        try:
+            watch.connect()
+            kubelet = watch.kubelet()
+        except BusUnavailable as exc:
+            watch.close()
+            self.bus_retry_at = now + self.bus_backoff
+            if self.bus_backoff == BUS_RETRY_FIRST:  # say it once per outage, not per retry
+                self._event("DEGRADED", f"running degraded: {exc}", logging.WARNING,
+                            reason=str(exc), result="no-bus")
+            self.bus_backoff = min(self.bus_backoff * 2, BUS_RETRY_MAX)
+            return
+        self.bus, self.bus_retry_at, self.bus_backoff = watch, None, BUS_RETRY_FIRST
+        self.selector.register(watch, selectors.EVENT_READ, self._on_bus)
+        self._set_kubelet(kubelet)
+        self.log.info("following systemd over D-Bus (%s: %s)", watch.where, kubelet.detail)
+        self._on_bus(now)  # signals that arrived during the blocking calls
+
+    def _drop_bus(self, now: float, reason: str) -> None:
+        if self.bus is not None:
+            self.selector.unregister(self.bus)
+            self.bus.close()
+            self.bus = None
+        self._event("DEGRADED", f"{reason}; judging kubelet by its process until the bus is back",
+                    logging.WARNING, reason=reason, result="bus-lost")
+        self.bus_backoff = BUS_RETRY_FIRST * 2  # the loss was just logged: no second entry
+        self.bus_retry_at = now + BUS_RETRY_FIRST
+        self.state.liveness_stale = True
+        self._schedule(now)
+
+    # ---- wake handlers: record what happened, decide nothing -----------------------------------
+
+    def _on_mounts(self, now: float) -> None:
+        self.mount_watch.pause()
+        self.coalescer = self.coalescer.changed(now)
+
+    def _on_uevents(self, now: float) -> None:
+        events = self.udev.drain()
+        for ev in events:
+            self.log.debug("interface %s: %s", ev.name or "(overflow)", ev.action)
+        if events:
+            self.state.liveness_stale = True
+            self.coalescer = self.coalescer.changed(now)
+
+    def _on_owner_exit(self, now: float) -> None:
+        exited = self.owners.drain()
+        if exited:
+            self.log.debug("watched processes exited: %s", exited)
+            self.state.liveness_stale = True
+            self._schedule(now)
+
+    def _on_bus(self, now: float) -> None:
+        from calico_mount_reaper.sources.systemd import (
+            BusLost,
+            Decommissioned,
+            KubeletChanged,
+            ShuttingDown,
+        )
+
+        for ev in self.bus.process():
+            if isinstance(ev, KubeletChanged):
+                self._set_kubelet(ev.state)
+                self.log.info("kubelet: %s", ev.state.detail)
+            elif isinstance(ev, Decommissioned):
+                self.state.decommissioned = True
+                self.log.warning("node decommission: %s; reaping without grace period", ev.reason)
+            elif isinstance(ev, ShuttingDown):
+                self.state.shutting_down = True
+                self.log.info("system is going down: %s", ev.reason)
+            elif isinstance(ev, BusLost):
+                self._drop_bus(now, ev.reason)
+                return
+        self._schedule(now)
+
+    def _on_signal(self, now: float) -> None:
+        try:
+            signums = os.read(self._signal_r, 64)
+        except BlockingIOError:
+            return
+        for signum in signums:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.state.stop_requested = True
+            elif signum == signal.SIGHUP:
+                self.state.reload_requested = True
+            elif signum == signal.SIGUSR2 and "freeze-on-usr2" in self.faults:
+                self.log.warning("fault switch freeze-on-usr2: freezing the loop")
+                while True:  # the watchdog must notice and restart us
+                    time.sleep(3600)
+
+    # ---- decisions -------------------------------------------------------------------------
+
+    def _set_kubelet(self, state: liveness.KubeletState) -> None:
+        self.state.liveness = replace(self.state.liveness, kubelet=state)
+        if self.state.decommissioned and not state.decommissioned:
+            self.state.decommissioned = False
+            self.log.info("kubelet is back (%s): decommission cancelled", state.detail)
+        self._schedule(self.clock())
+
+    def _schedule(self, when: float) -> None:
+        """Look at the verdicts again no later than ``when``."""
+        current = self.state.evaluate_at
+        self.state.evaluate_at = when if current is None else min(current, when)
+
+    def _reread(self, now: float) -> None:
+        parsed = self.mount_watch.read()
+        self.coalescer = self.coalescer.reread(now)
+        self.state.rereads += 1
+        for warning in parsed.warnings:
+            self.log.warning("%s", warning)
+        appeared, gone = diff(self.state.mounts, parsed.mounts)
+        self.state.mounts = parsed.mounts
+        for m, name, verb in [(m, "TARGET_APPEARED", "appeared") for m in appeared] + [
+            (m, "TARGET_GONE", "is gone") for m in gone
+        ]:
+            rule = rule_for(m, self.config.rules)
+            if rule is not None:
+                self._event(name, f"{rule.name} target {m.mount_point} ({m.fstype}) {verb}",
+                            mount_point=m.mount_point, mount_id=m.mount_id, fstype=m.fstype,
+                            target=rule.name)
+        if appeared or gone:
+            self.state.liveness_stale = True
+            self._schedule(now)
+
+    def _observe(self, now: float) -> liveness.Liveness:
+        """Scan /proc for owners (and kubelet, without a bus) and watch their exits."""
+        processes = list(liveness.scan_processes())
+        watched = {*self.config.owner_names} | (set() if self.bus else {"kubelet"})
+        found = liveness.find_owners(processes, watched)
+        kubelet = (
+            self.state.liveness.kubelet if self.bus else liveness.kubelet_from_processes(processes)
+        )
+        # A pidfd per live owner: its exit wakes us at once instead of at the next rescan.
+        if self.owners.watch(pid for pids in found.values() for pid in pids):
+            self._schedule(now)  # one died between the scan and the watch: look again
+            self.state.liveness_stale = True
+        owners = {name: pids for name, pids in found.items() if name in self.config.owner_names}
+        return liveness.Liveness(owners=owners, kubelet=kubelet)
+
+    def _mode(self) -> Mode:
+        return Mode.DECOMMISSION if self.state.decommissioned else Mode.NORMAL
+
+    def _evaluate(self, now: float) -> None:
+        """Verdicts, grace timers and, when one is due, a reap."""
+        st = self.state
+        st.evaluate_at = None
+        sites = find_sites(st.mounts, self.config.rules)
+        if not sites:
+            st.timers, st.reasons = grace.GraceTimers(), {}
+            self.owners.watch(())
+            self._publish(now, ())
+            return
+        if st.liveness_stale:
+            st.liveness_stale = False
+            st.liveness = self._observe(now)
+        assessments = plan(st.mounts, st.liveness, self._mode(), self.config).assessments
+        self._log_verdicts(assessments)
+        decision = grace.decide(st.timers, assessments, now, self.config.grace_period,
+                                immediate=self._mode() is Mode.DECOMMISSION)
+        st.timers = decision.timers
+        if decision.next_deadline is not None:
+            self._schedule(decision.next_deadline)
+        if decision.due:
+            self._reap(self._mode(), {a.site.mount_point for a in decision.due}, now)
+        self._publish(now, assessments)
+
+    def _log_verdicts(self, assessments: Iterable[Assessment]) -> None:
+        """One entry per change of a site's verdict, so the journal says why it waits."""
+        seen = {}
+        for a in assessments:
+            key = grace.site_key(a.site)
+            seen[key] = a.reason
+            if self.state.reasons.get(key) == a.reason:
+                continue
+            if a.reap:
+                wait = 0.0 if self._mode() is Mode.DECOMMISSION else self.config.grace_period
+                message = f"{a.site.mount_point}: {a.reason}; reaping in {wait:g} s"
+                result = "scheduled"
+            else:
+                message, result = f"{a.site.mount_point}: left alone, {a.reason}", "refused"
+            self._event("VERDICT", message,
+                        mount_point=a.site.mount_point, target=a.site.rule.name,
+                        mount_id=a.site.roots[0].mount_id, fstype=a.site.roots[0].fstype,
+                        reason=a.reason, result=result)
+        self.state.reasons = seen
+
+    def _reap(self, mode: Mode, only: set[str] | None, now: float) -> None:
+        report = run_pass(
+            self.config, mode, liveness=self.state.liveness, only=only,
+            on_outcome=self._log_outcome, mountinfo_path=self.mountinfo_path,
+        )
+        still = {s.mount_point for s in report.remaining}
+        for a in report.assessments:
+            if a.reap and a.site.mount_point not in still:
+                self.state.counters.reaps_total += 1
+                self._event("REAPED", f"reaped {a.site.mount_point}: {len(a.site.members)} "
+                            f"mount(s) gone ({mode.value})", mount_point=a.site.mount_point,
+                            target=a.site.rule.name, reason=a.reason, result="reaped",
+                            mount_id=a.site.roots[0].mount_id, fstype=a.site.roots[0].fstype)
+            elif a.reap:
+                self.state.counters.failures_total += 1
+        self.coalescer = self.coalescer.changed(now)  # see our own unmounts in the table
+
+    def _log_outcome(self, outcome: Outcome, action: Action) -> None:
+        m = outcome.mount
+        fields: dict[str, Any] = dict(mount_point=m.mount_point, mount_id=m.mount_id,
+                                      fstype=m.fstype, target=action.site.rule.name,
+                                      reason=outcome.detail, result=outcome.result.value)
+        if outcome.blockers:
+            fields["blockers"] = ", ".join(str(b) for b in outcome.blockers)
+            self._event("BUSY", f"{m.mount_point} is busy: held by {fields['blockers']}",
+                        logging.WARNING, **fields)
+        if outcome.result is Result.REFUSED:
+            self.state.counters.refusals_total += 1
+            self._event("REAP_REFUSED", f"refused to unmount {m.mount_point}: {outcome.detail}",
+                        logging.WARNING, **fields)
+        elif outcome.result is Result.FAILED:
+            self._event("REAP_FAILED", f"failed to unmount {m.mount_point}: {outcome.detail}",
+                        logging.ERROR, **fields)
+        else:
+            self.log.info("%s %s (mount %d, %s): %s", outcome.result.value, m.mount_point,
+                          m.mount_id, m.fstype, outcome.detail)
+
+    def _publish(self, now: float, assessments: Iterable[Assessment]) -> None:
+        """STATUS= line and the metrics file."""
+        items = list(assessments)
+        held = sum(1 for a in items if not a.reap)
+        text = f"watching {len(self.config.rules)} target rules; {len(items)} mounted"
+        if held:
+            text += f", {held} left alone ({items[0].reason if held == 1 else 'see journal'})"
+        if self.bus is None:
+            text += "; degraded: no D-Bus"
+        self.notifier.status(text)
+        self.state.counters.targets_mounted = len(items)
+        self.state.counters.last_pass_timestamp_seconds = time.time()
+        if self.config.metrics_path:
+            try:
+                metrics.write_textfile(self.config.metrics_path, self.state.counters)
+            except OSError as exc:
+                self.log.warning("cannot write metrics: %s", exc)
+
+    def _reload(self) -> None:
+        self.state.reload_requested = False
+        try:
+            new = config_mod.load(self.config_path)
+        except ConfigError as exc:
+            self._event("CONFIG_REJECTED", f"new config rejected, keeping the old one: {exc}",
+                        logging.ERROR, reason=str(exc), result="kept-old")
+            return
+        self.config = new
+        self.state.liveness_stale = True
+        self._schedule(self.clock())
+        self.log.info("config reloaded from %s", new.source)
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def _tick(self, now: float) -> None:
+        st = self.state
+        if st.reload_requested:
+            self._reload()
+        if self.next_ping is not None and now >= self.next_ping:
+            self.notifier.watchdog_ping()
+            self.next_ping = now + (self.watchdog or 0)
+        if self.bus_retry_at is not None and now >= self.bus_retry_at:
+            self._connect_bus(now)
+        if now >= self.next_rescan:
+            # Safety net for anything no event told us about (another namespace's owners...).
+            self.next_rescan = now + self.config.rescan_interval
+            st.liveness_stale = True
+            self.coalescer = self.coalescer.changed(now)
+            self._schedule(now)
+        if self.coalescer.due is not None and now >= self.coalescer.due:
+            self._reread(now)
+        if st.evaluate_at is not None and now >= st.evaluate_at:
+            self._evaluate(now)
+
+    def _timeout(self, now: float) -> float | None:
+        deadlines = [d for d in (self.next_ping, self.bus_retry_at, self.coalescer.due,
+                                 self.state.evaluate_at) if d is not None]
+        # Ride the safety-net rescan on a watchdog wake when one comes first or soon after.
+        if self.next_ping is None or self.next_rescan < self.next_ping:
+            deadlines.append(self.next_rescan)
+        return max(0.0, min(deadlines) - now) if deadlines else None
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._signal_w, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
+            signal.signal(signum, lambda *_: None)  # the wakeup fd carries the number
+
+    def run(self) -> int:
+        self._install_signals()
+        if in_host_mount_namespace() is False:
+            self._event("WRONG_NAMESPACE", "not in the host's mount namespace (PID 1's): unmounts "
+                        "here would not reach the host; check the unit for PrivateMounts= and "
+                        "Protect*= options", logging.ERROR, result="wrong-namespace")
+        now = self.clock()
+        self._connect_bus(now)
+        self._open_udev()
+        self._reread(now)
+        self._evaluate(now)
+        self.notifier.ready()
+        self._event("STARTED", f"watching {len(self.config.rules)} target rules from "
+                    f"{self.config.source}", result="ready")
+        while not self.state.stop_requested:
+            now = self.clock()
+            for key, _ in self.selector.select(self._timeout(now)):
+                key.data(self.clock())
+            self._tick(self.clock())
+        return self._stop()
+
+    def _stop(self) -> int:
+        now = self.clock()
+        going_down = self.state.shutting_down or self._system_stopping()
+        policy = self.config.reap_on_stop
+        final = policy == "always" or (policy == "shutdown" and going_down)
+        why = "the system is going down" if going_down else "the service is stopping"
+        self.notifier.stopping()
+        self._event("STOPPING", f"stopping ({why}); final reap: {'yes' if final else 'no'} "
+                    f"(reap_on_stop={policy}); {self.state.rereads} table re-reads",
+                    reason=why, result="final-reap" if final else "no-reap")
+        if final:
+            # A busy mount may need every retry; ask systemd for the time before using it.
+            retries = sum(self.config.busy_backoff * 2**i for i in range(self.config.busy_retries))
+            self.notifier.extend_timeout(5 + 2 * retries)
+            self._reread(now)
+            self._reap(Mode.SHUTDOWN, None, now)
+        self._publish(now, ())
+        self._close()
+        return 0
+
+    def _system_stopping(self) -> bool:
+        if self.bus is None:
+            return False
+        from calico_mount_reaper.sources.systemd import BusUnavailable
+
+        try:
+            return bool(self.bus.system_stopping())
+        except BusUnavailable as exc:
+            self.log.warning("cannot tell whether the system is stopping: %s", exc)
+            return False
+
+    def _close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for source in (self.bus, self.udev):
+            if source is not None and hasattr(source, "close"):
+                source.close()
+        self.owners.close()
+        self.mount_watch.close()
+        self.selector.close()
+        os.close(self._signal_r)
+        os.close(self._signal_w)
+
+    def _event(self, name: str, message: str, level: int = logging.INFO, **fields: Any) -> None:
+        journal.event(self.log, name, message, level=level, **fields)
+
+
+def run(config_path: str | None, verbose: bool = False) -> int:
+    """`calico-mount-reaper run`: load the config, then serve until stopped."""
+    log = journal.setup(verbose)
+    try:
+        config = config_mod.load(config_path)
+    except ConfigError as exc:
+        journal.event(log, "CONFIG_REJECTED", f"cannot start: {exc}", level=logging.ERROR,
+                      reason=str(exc), result="exit-78")
+        return 78
+    return Daemon(config, config_path, log, Notifier()).run()
