@@ -29,6 +29,7 @@ def e2e_machine() -> None:
     missing = harness.missing_prerequisites()
     if missing:
         unavailable("; ".join(missing))
+    harness.remove_stale_cgroups()
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +39,7 @@ def rootfs(e2e_machine: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
         tarball = harness.ensure_rootfs_tarball()
     except harness.Unavailable as exc:
         unavailable(str(exc))
-    lower = tmp_path_factory.mktemp("rootfs")
+    lower = harness.lower_dir(fallback=tmp_path_factory.mktemp("rootfs"))
     try:
         yield harness.restore_rootfs(tarball, lower)
     finally:
@@ -57,6 +58,7 @@ class Boot(Protocol):
         files: Mapping[str, harness.FileSource] | None = ...,
         enable: Sequence[str] = ...,
         udev: bool = ...,
+        host_network: bool = ...,
         nspawn_args: Sequence[str] = ...,
         install_project: bool = ...,
         timeout: float = ...,
@@ -75,6 +77,7 @@ def boot(rootfs: Path, payload: Path, tmp_path: Path) -> Iterator[Boot]:
         files: Mapping[str, harness.FileSource] | None = None,
         enable: Sequence[str] = (),
         udev: bool = False,
+        host_network: bool = False,
         nspawn_args: Sequence[str] = (),
         install_project: bool = True,
         timeout: float = 60,
@@ -82,7 +85,7 @@ def boot(rootfs: Path, payload: Path, tmp_path: Path) -> Iterator[Boot]:
         container = harness.boot(
             rootfs, tmp_path / f"run{len(containers) + 1}",
             payload=payload if install_project else None, files=files, enable=enable,
-            udev=udev, nspawn_args=nspawn_args, timeout=timeout,
+            udev=udev, host_network=host_network, nspawn_args=nspawn_args, timeout=timeout,
         )
         containers.append(container)
         return container

@@ -43,9 +43,8 @@ def test_boot_drive_poweroff_and_read_the_journal(boot: Boot) -> None:
 
     # The journal outlives the container: that is where shutdown ordering gets asserted.
     journal = c.journal("-o", "short-monotonic")
-    assert "Reached target" in journal, journal[-2000:]
-    assert "Reached target multi-user.target" in journal or "Reached target Multi-User" in journal
-    assert "Power-Off" in journal or "poweroff" in journal.lower(), journal[-2000:]
+    assert "Reached target multi-user.target" in journal, journal[-3000:]
+    assert "Reached target poweroff.target" in journal, journal[-3000:]
     assert not (c.run_dir / "upper").exists(), "overlay left behind"
     assert not any(os.path.isdir(cg) for cg in c.cgroups), c.cgroups
     assert harness.host_mount_table() == host_before
@@ -77,3 +76,22 @@ def test_files_and_enabled_units_reach_the_guest(boot: Boot) -> None:
     c.run(["systemctl", "stop", "kubelet.service"])
     c.wait_for(lambda: "Stopped" in c.journal("-u", "kubelet.service"), what="'Stopped' entry")
 
+
+
+
+@pytest.mark.e2e
+def test_udev_runs_only_when_asked_and_links_stay_in_the_container(boot: Boot) -> None:
+    # Without a writable /sys the unit's condition skips udevd, as on most container hosts.
+    plain = boot(install_project=False)
+    udevd = ["systemctl", "is-active", "systemd-udevd.service"]
+    assert plain.run(udevd, check=False).stdout.strip() != "active"
+    plain.close()
+
+    c = boot(install_project=False, udev=True)
+    assert c.run(udevd).stdout.strip() == "active"
+    c.run(["ip", "link", "add", "e2e0", "type", "veth", "peer", "name", "e2e1"])
+    c.run(["udevadm", "settle", "--timeout=10"])
+    # USEC_INITIALIZED is written by udevd itself: the kernel's uevent alone would not have it.
+    info = c.run(["udevadm", "info", "/sys/class/net/e2e0"]).stdout
+    assert "USEC_INITIALIZED=" in info, info
+    assert not os.path.exists("/sys/class/net/e2e0"), "a link made in the container hit the host"
