@@ -296,8 +296,8 @@ def test_message_ids_are_stable_distinct_128_bit_ids() -> None:
     for value in MESSAGE_IDS.values():
         assert re.fullmatch(r"[0-9a-f]{32}", value)
     assert set(MESSAGE_IDS) == {
-        "TARGET_APPEARED", "TARGET_GONE", "VERDICT", "REAPED", "REAP_REFUSED", "REAP_FAILED", "BUSY",
-        "DEGRADED", "CONFIG_REJECTED", "STARTED", "STOPPING", "WRONG_NAMESPACE",
+        "TARGET_APPEARED", "TARGET_GONE", "VERDICT", "REAPED", "REAP_REFUSED", "REAP_FAILED",
+        "BUSY", "DEGRADED", "CONFIG_REJECTED", "STARTED", "STOPPING", "WRONG_NAMESPACE",
     }
 
 

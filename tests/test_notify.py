@@ -68,7 +68,7 @@ def test_status_is_one_ascii_line(notify_socket: socket.socket) -> None:
 
 
 def test_no_notify_socket_is_a_silent_no_op(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, notify_log: ListHandler
 ) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     notifier = Notifier()
@@ -76,28 +76,46 @@ def test_no_notify_socket_is_a_silent_no_op(
     notifier.ready("x")
     notifier.watchdog_ping()
     notifier.stopping()
-    assert caplog.records == []
+    assert notify_log.records == []
+
+
+class ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def notify_log() -> Iterator[ListHandler]:
+    """Records of the notify logger itself, whatever the package logger's propagation."""
+    handler, logger = ListHandler(), logging.getLogger("calico_mount_reaper.notify")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
 
 
 def test_lost_socket_is_reported_once_and_reconnected(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, notify_log: ListHandler
 ) -> None:
     path = str(tmp_path / "notify")
     monkeypatch.setenv("NOTIFY_SOCKET", path)
     notifier = Notifier()
-    with caplog.at_level(logging.WARNING, logger="calico_mount_reaper.notify"):
-        notifier.ready()  # the socket does not exist yet
-        notifier.watchdog_ping()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.bind(path)
-            sock.settimeout(5)
-            notifier.status("back")
-            assert sock.recv(4096) == b"STATUS=back"
-        os.unlink(path)  # the manager went away after we had connected
-        notifier.watchdog_ping()
-        notifier.watchdog_ping()
-    warnings = [r.getMessage() for r in caplog.records]
+    notifier.ready()  # the socket does not exist yet
+    notifier.watchdog_ping()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(5)
+        notifier.status("back")
+        assert sock.recv(4096) == b"STATUS=back"
+    os.unlink(path)  # the manager went away after we had connected
+    notifier.watchdog_ping()
+    notifier.watchdog_ping()
+    warnings = [r.getMessage() for r in notify_log.records]
     assert len(warnings) == 2, warnings
+    assert all(r.levelno == logging.WARNING for r in notify_log.records)
     assert all(w.startswith(f"cannot notify the service manager at {path}: ") for w in warnings)
     assert "No such file or directory" in warnings[0]
     assert "Connection refused" in warnings[1]
