@@ -10,7 +10,9 @@ as the other sources. What pystemd (0.11 to 0.15, the same low-level API in both
   every wake and after every blocking call (``kubelet()``, ``system_stopping()``).
 - pystemd hides sd_bus_process()'s return value. "Did nothing" is inferred from a call that ran
   none of our callbacks and handed back no message: a signal comes back as a message even after
-  our callback ran, because pystemd's callbacks never claim it.
+  our callback ran, because pystemd's callbacks never claim it. Some steps do work that shows
+  neither way (reading the EOF that starts a disconnect, answering a call to us), so draining
+  stops only after two such calls in a row.
 - sd-bus keeps only a borrowed pointer to each callback, and pystemd stores the userdata on the
   function object itself (so bound methods are refused, and one function shared between matches
   would see the last match's userdata). Each match therefore gets its own plain function, and
@@ -153,8 +155,9 @@ def _text(value: Any) -> str:
 class SystemdWatch:
     """systemd and logind signals on one bus connection, for a selectors loop.
 
-    ``connect()``, register ``fileno()`` for reading, call ``process()`` on every wake. After a
-    ``BusLost`` event, unregister the fd, ``close()``, and ``connect()`` again later.
+    ``connect()``, register the watch (or ``fileno()``) for reading, and call ``process()``
+    right away (connecting makes blocking calls) and then on every wake. After a ``BusLost``
+    event, unregister, ``close()``, and ``connect()`` again later.
     """
 
     def __init__(self, kubelet_unit: str = "kubelet.service", address: str | None = None) -> None:
@@ -167,6 +170,7 @@ class SystemdWatch:
         # Filled by the callbacks; never rebound, because the callbacks hold this very list.
         self._inbox: list[tuple[str, Any]] = []
         self._last: KubeletState | None = None
+        self._fd: int | None = None
 
     @property
     def where(self) -> str:
@@ -196,6 +200,7 @@ class SystemdWatch:
                 bus.match_signal(sender, path, interface, member, callback)
             bus.call_method(SYSTEMD, MANAGER_PATH, MANAGER_IFACE, b"Subscribe", [])
             self._last = query_kubelet(bus, self.kubelet_unit)
+            self._fd = bus.get_fd()
         except DBusBaseError as e:
             self.close()
             raise BusUnavailable(
@@ -220,8 +225,15 @@ class SystemdWatch:
         return self._bus
 
     def fileno(self) -> int:
-        fd: int = self._open_bus().get_fd()
-        return fd
+        """The bus fd, from connect() until close(), even after BusLost.
+
+        sd-bus closes the fd itself when the peer goes away; the number stays valid for
+        ``selector.unregister()``, which must come before close(). Without a connection this
+        raises ValueError, as a closed file does, which selectors know to handle.
+        """
+        if self._fd is None:
+            raise ValueError(f"not connected to the D-Bus system bus at {self.where}")
+        return self._fd
 
     def process(self) -> list[SystemdEvent]:
         """Drain everything sd-bus has read or can read now, and translate it into events."""
@@ -249,13 +261,13 @@ class SystemdWatch:
         return events
 
     def _drain(self) -> None:
-        while True:
+        quiet = 0
+        while quiet < 2:
             before = len(self._inbox)
             msg = self._bus.process()
             if msg.is_signal(LOCAL_IFACE, b"Disconnected"):
                 raise _Disconnected
-            if len(self._inbox) == before and msg.is_empty():
-                return
+            quiet = quiet + 1 if len(self._inbox) == before and msg.is_empty() else 0
 
     def _translate(self, batch: list[tuple[str, Any]]) -> list[SystemdEvent]:
         events: list[SystemdEvent] = []
@@ -329,7 +341,7 @@ class SystemdWatch:
 
     def close(self) -> None:
         """Close the bus (idempotent: pystemd's close() must not run twice on one bus)."""
-        bus, self._bus = self._bus, None
+        bus, self._bus, self._fd = self._bus, None, None
         self._inbox.clear()
         if bus is not None:
             bus.close()
