@@ -303,7 +303,7 @@ def build_payload(dest: Path, repo: Path = REPO_ROOT) -> Path:
         shutil.copytree(
             repo, src, symlinks=True,
             ignore=shutil.ignore_patterns(
-                ".git", "tests", "build", "dist", "*.egg-info", "__pycache__", ".*_cache",
+                ".*", "tests", "build", "dist", "*.egg-info", "__pycache__",
             ),
         )
         isolation = ["--no-build-isolation"] if _can_build_offline() else []
