@@ -52,16 +52,18 @@ def test_mount_wakes_the_selector_promptly_and_read_sees_it() -> None:
     assert after == 0
 
 
-def _idle() -> tuple[int, int]:
+def _idle() -> tuple[int, int, bool]:
+    fds = os.listdir("/proc/self/fd")
     with MountTableWatch() as watch, selectors.DefaultSelector() as sel:
         sel.register(watch, selectors.EVENT_READ)
         before_read = len(sel.select(timeout=0.3))
         watch.read()
-        return before_read, len(sel.select(timeout=0.3))
+        after_read = len(sel.select(timeout=0.3))
+    return before_read, after_read, os.listdir("/proc/self/fd") == fds
 
 
-def test_idle_table_never_wakes() -> None:
-    assert in_namespace(_idle) == (0, 0)
+def test_idle_table_never_wakes_and_close_leaks_nothing() -> None:
+    assert in_namespace(_idle) == (0, 0, True)
 
 
 def _paused() -> tuple[int, bool, int]:

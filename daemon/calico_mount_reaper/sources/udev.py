@@ -6,6 +6,8 @@ instead of waiting for its periodic pass.
 
 The monitor listens to the *kernel* netlink group, not udevd's: it needs no udevd (nodes and
 containers often have none) and the kernel sends these events before any udev rule runs.
+Measured: the add event wakes the loop while ``ip link add`` is still running (0.6 ms before it
+exits), a remove even 15 ms before ``ip link del`` returns.
 Net-device uevents are scoped to a network namespace: the socket sees the links of the
 namespace it was opened in, and only those (measured: a veth made in a sibling namespace sends
 nothing here). That is why the unit must not use PrivateNetwork=. Uevents of other subsystems
