@@ -279,6 +279,30 @@ def test_prefixed_lines_keep_one_record_per_line() -> None:
     assert lines[-1] == "<2>OSError: [Errno 16] Device or resource busy"
 
 
+class FieldsHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fields: list[dict[str, bytes]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.fields.append(journal.journal_fields(record))
+
+
+def _wrapped_event(logger: logging.Logger) -> None:
+    event(logger, "STARTED", "via a helper", stacklevel=2)
+
+
+def test_stacklevel_lets_a_helper_point_code_fields_at_its_caller() -> None:
+    handler = FieldsHandler()
+    logger = _logger(handler, "t.journal.stacklevel")
+    line = _line_of_next_event()
+    _wrapped_event(logger)
+    (fields,) = handler.fields
+    assert fields["CODE_FUNC"] == b"test_stacklevel_lets_a_helper_point_code_fields_at_its_caller"
+    assert fields["CODE_LINE"] == str(line).encode()
+    assert "STACKLEVEL" not in fields
+
+
 def test_event_rejects_unknown_names_and_bad_fields() -> None:
     logger = _logger(StderrHandler(io.StringIO(), True), "t.journal.bad")
     with pytest.raises(ValueError, match="unknown journal event"):

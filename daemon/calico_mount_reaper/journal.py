@@ -318,13 +318,20 @@ def setup(verbose: bool = False, stream: TextIO | None = None) -> logging.Logger
 
 
 def event(
-    logger: logging.Logger, name: str, message: str, *, level: int = logging.INFO, **fields: object
+    logger: logging.Logger,
+    name: str,
+    message: str,
+    *,
+    level: int = logging.INFO,
+    stacklevel: int = 1,
+    **fields: object,
 ) -> None:
     """Log one catalogued event: MESSAGE_ID of ``name`` plus upper-cased ``fields``.
 
     ``event(log, "REAPED", "unmounted /run/calico/cgroup", mount_point=..., mount_id=42)``.
-    CODE_FILE/LINE/FUNC point at the caller. A bad name or field is a programming error and
-    raises here, at the call site, instead of leaving a hole in the journal.
+    CODE_FILE/LINE/FUNC point at the caller; a helper that wraps event() passes
+    ``stacklevel=2`` so they point at *its* caller. A bad name or field is a programming error
+    and raises here, at the call site, instead of leaving a hole in the journal.
     """
     if name not in MESSAGE_IDS:
         raise ValueError(f"unknown journal event {name!r}; known: {', '.join(MESSAGE_IDS)}")
@@ -334,4 +341,4 @@ def event(
         if field is None or field in _RESERVED:
             raise ValueError(f"invalid journal field name {key!r} for event {name}")
         journal[field] = value
-    logger.log(level, "%s", message, extra={"journal": journal}, stacklevel=2)
+    logger.log(level, "%s", message, extra={"journal": journal}, stacklevel=stacklevel + 1)
