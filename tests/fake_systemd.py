@@ -211,7 +211,8 @@ async def serve(address: str) -> None:
     while True:
         done, _ = await asyncio.wait({lines, gone}, return_when=asyncio.FIRST_COMPLETED)
         if gone in done:
-            return  # the bus daemon died: nothing left to fake
+            gone.exception()  # EOFError when the bus daemon died; expected, so not reported
+            return  # nothing left to fake
         line = lines.result().decode()
         if not line:
             return  # the test closed our stdin
