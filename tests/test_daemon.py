@@ -1,0 +1,211 @@
+"""The daemon as systemd would run it, in a private mount+network namespace, no systemd needed.
+
+Real mounts, a real notify socket, real owner processes and real veth links. There is no
+system bus here, so these runs are also the "degraded mode" tests; the D-Bus path is covered
+by tests/test_sources_systemd.py against a private dbus-daemon, and by the e2e suite.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemon_harness import DaemonRun
+
+CGROUP = "/run/calico/cgroup"
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[DaemonRun]:
+    with DaemonRun(tmp_path) as run:
+        yield run
+
+
+def owner_exe(tmp_path: Path, name: str = "calico-node") -> str:
+    """A copy of sleep under an owner's name: its comm and argv[0] are the owner's."""
+    exe = tmp_path / name
+    shutil.copy("/bin/sleep", exe)
+    return str(exe)
+
+
+def test_ready_after_the_first_pass_with_a_status_line(daemon: DaemonRun) -> None:
+    daemon.mount("cgroup2", "/run/calico2")  # a decoy only
+    daemon.start()
+    daemon.wait_notify("READY=1")
+    status = daemon.wait_notify("STATUS=")
+    assert status
+    assert any("degraded: no D-Bus" in m for _, m in daemon.messages)
+    assert "running degraded" in daemon.log()
+    assert daemon.stop() == 0
+    assert any("STOPPING=1" in m for _, m in daemon.collect(0.1))
+
+
+def test_watchdog_pings_at_half_the_interval(tmp_path: Path) -> None:
+    with DaemonRun(tmp_path, env={"WATCHDOG_USEC": "400000"}) as run:
+        run.start()
+        start = run.wait_notify("READY=1")
+        run.collect(2.0)
+        pings = [t for t, m in run.messages if "WATCHDOG=1" in m and t >= start]
+        gaps = [b - a for a, b in zip(pings, pings[1:])]
+        assert 8 <= len(pings) <= 12, pings
+        assert all(0.15 <= g <= 0.3 for g in gaps), gaps
+
+
+def test_watchdog_for_another_pid_is_ignored(tmp_path: Path) -> None:
+    with DaemonRun(tmp_path, env={"WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"}) as run:
+        run.start()
+        run.wait_notify("READY=1")
+        run.collect(0.6)
+        assert not [m for _, m in run.messages if "WATCHDOG=1" in m]
+
+
+def test_orphaned_mount_is_reaped_after_the_grace_period_not_before(daemon: DaemonRun) -> None:
+    daemon.start()
+    daemon.wait_notify("READY=1")
+    daemon.mount("cgroup2", CGROUP)
+    mounted_at = time.monotonic()
+    daemon.wait_log("calico target /run/calico/cgroup (cgroup2) appeared")
+    gone_at = daemon.wait_until(lambda: daemon.mounted(CGROUP) == 0, what="reap")
+    assert 1.0 <= gone_at - mounted_at <= 2.0, gone_at - mounted_at
+    daemon.wait_log("is gone")
+    log = daemon.log()
+    assert "reaping in 1 s" in log and "reaped /run/calico/cgroup" in log
+
+
+def test_in_use_mount_is_left_alone_until_the_owner_exits(
+    daemon: DaemonRun, tmp_path: Path
+) -> None:
+    owner = daemon.shell.popen([owner_exe(tmp_path), "600"])
+    try:
+        daemon.start()
+        daemon.wait_notify("READY=1")
+        daemon.mount("cgroup2", CGROUP)
+        daemon.mount("tmpfs", CGROUP)
+        daemon.mount("cgroup2", CGROUP)
+        daemon.wait_log("left alone, in use by calico-node (pid")
+        time.sleep(1.5)  # longer than the grace period
+        assert daemon.mounted(CGROUP) == 3
+    finally:
+        owner.kill()
+        owner.wait()
+    exited = time.monotonic()
+    gone = daemon.wait_until(lambda: daemon.mounted(CGROUP) == 0, what="reap after owner exit")
+    # Seen at once through the pidfd, then the grace period: not a periodic rescan later.
+    assert 1.0 <= gone - exited <= 2.0, gone - exited
+
+
+def test_held_by_a_kubelet_process_without_a_bus(daemon: DaemonRun, tmp_path: Path) -> None:
+    kubelet = daemon.shell.popen([owner_exe(tmp_path, "kubelet"), "600"])
+    try:
+        daemon.start()
+        daemon.wait_notify("READY=1")
+        daemon.mount("cgroup2", CGROUP)
+        daemon.wait_log("left alone, held: kubelet is active")
+        time.sleep(1.5)
+        assert daemon.mounted(CGROUP) == 1
+    finally:
+        kubelet.kill()
+        kubelet.wait()
+    daemon.wait_until(lambda: daemon.mounted(CGROUP) == 0, what="reap after kubelet exit")
+
+
+def test_a_mount_storm_ends_in_the_right_state_with_bounded_rereads(daemon: DaemonRun) -> None:
+    daemon.start()
+    daemon.wait_notify("READY=1")
+    started = time.monotonic()
+    daemon.sh(
+        "mkdir -p /run/storm && for i in $(seq 1000); do mount -t tmpfs none /run/storm; "
+        "umount /run/storm; done"
+    )
+    daemon.mount("cgroup2", CGROUP)
+    elapsed = time.monotonic() - started
+    daemon.wait_until(lambda: daemon.mounted(CGROUP) == 0, what="reap after the storm")
+    assert daemon.stop() == 0
+    rereads = int(re.search(r"(\d+) table re-reads", daemon.log()).group(1))  # type: ignore[union-attr]
+    # At most 5 re-reads a second (REREAD_INTERVAL 0.2 s) plus a handful around each reap.
+    print(f"storm: 1000 mount/umount pairs in {elapsed:.2f} s, {rereads} re-reads")
+    assert rereads <= 5 * (elapsed + 3) + 10, (rereads, elapsed)
+    assert "appeared" in daemon.log()
+
+
+def test_sighup_with_a_bad_config_keeps_the_old_one(daemon: DaemonRun) -> None:
+    daemon.start()
+    daemon.wait_notify("READY=1")
+    daemon.config_path.write_text("grace_period = -5\n")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("new config rejected, keeping the old one")
+    assert "grace_period" in daemon.log()
+    daemon.mount("cgroup2", CGROUP)
+    daemon.wait_until(lambda: daemon.mounted(CGROUP) == 0, what="reap with the old config")
+
+
+def test_sighup_with_a_good_config_applies_it(daemon: DaemonRun) -> None:
+    daemon.start()
+    daemon.wait_notify("READY=1")
+    daemon.config_path.write_text("grace_period = 0\n")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("config reloaded")
+    daemon.mount("cgroup2", CGROUP)
+    daemon.wait_log("reaping in 0 s")
+
+
+def test_sigterm_with_reap_on_stop_always_reaps_even_in_use(tmp_path: Path) -> None:
+    config = 'grace_period = 100\nreap_on_stop = "always"\n'
+    with DaemonRun(tmp_path, config=config) as run:
+        owner = run.shell.popen([owner_exe(tmp_path), "600"])
+        try:
+            run.start()
+            run.wait_notify("READY=1")
+            for fstype in ("cgroup2", "tmpfs", "cgroup2"):
+                run.mount(fstype, CGROUP)
+            run.wait_log("in use by calico-node")
+            assert run.stop() == 0
+            assert run.mounted(CGROUP) == 0
+            assert "final reap: yes" in run.log()
+            assert any("STOPPING=1" in m for _, m in run.collect(0.1))
+        finally:
+            owner.kill()
+            owner.wait()
+
+
+def test_plain_stop_with_the_system_up_does_not_reap(daemon: DaemonRun) -> None:
+    daemon.config_path.write_text("grace_period = 100\n")
+    daemon.start()
+    daemon.wait_notify("READY=1")
+    daemon.mount("cgroup2", CGROUP)
+    daemon.wait_log("reaping in 100 s")
+    assert daemon.stop() == 0
+    assert daemon.mounted(CGROUP) == 1
+    assert "final reap: no" in daemon.log()
+
+
+def test_removed_calico_interface_triggers_a_recheck(daemon: DaemonRun) -> None:
+    daemon.start("--verbose")
+    daemon.wait_notify("READY=1")
+    daemon.sh("ip link add cali1234abcd type veth peer name eth-peer0")
+    daemon.sh("ip link del cali1234abcd")
+    daemon.wait_log("interface cali1234abcd: remove")
+    assert "eth-peer0" not in daemon.log()
+
+
+def test_a_bad_config_at_start_exits_78(daemon: DaemonRun) -> None:
+    daemon.config_path.write_text("nonsense = 1\n")
+    daemon.start()
+    assert daemon.proc is not None
+    assert daemon.proc.wait(10) == 78
+    assert "nonsense" in daemon.log() and "config.toml" in daemon.log()
+
+
+def test_without_cap_sys_admin_it_exits_77_and_says_why(tmp_path: Path) -> None:
+    out = subprocess.run(
+        ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", "python3", "-m",
+         "calico_mount_reaper", "run"], capture_output=True, text=True, timeout=30,
+    )
+    assert out.returncode == 77
+    assert "CAP_SYS_ADMIN" in out.stderr
