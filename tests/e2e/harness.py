@@ -54,6 +54,7 @@ PACKAGES = (
 ROOTFS_RECIPE_VERSION = 1
 DEFAULT_CACHE_DIR = "/var/cache/calico-mount-reaper-e2e"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CGROUP_PREFIX = "cmr-e2e-"  # + "<pytest pid>-<run>": a leftover names its owner
 
 ENTRY_SCRIPT = """#!/usr/bin/python3
 # Installed by the e2e harness from the checkout (pip's own script would name the host's python).
@@ -563,7 +564,6 @@ def remove_stale_cgroups() -> list[str]:
     return stale
 
 
-CGROUP_PREFIX = "cmr-e2e-"
 _RUN_COUNTER = iter(range(1, 1 << 30))
 
 
@@ -598,8 +598,6 @@ def boot(
     # delegate), named after this process so a leftover can be traced to its owner.
     name = f"{CGROUP_PREFIX}{os.getpid()}-{next(_RUN_COUNTER)}"
     cgroups = [f"{root}/{name}" for root in cgroup2_roots()]
-    for cg in cgroups:
-        os.mkdir(cg)
 
     env = {
         **os.environ,
@@ -625,12 +623,18 @@ def boot(
     args += list(nspawn_args)
 
     started = time.monotonic()
-    with open(run_dir / "console.log", "wb") as console:
-        process = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "bash", "-c", _INNER, "inner", *args],
-            stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True,
-        )
+    try:
+        for cg in cgroups:
+            os.mkdir(cg)
+        with open(run_dir / "console.log", "wb") as console:
+            process = subprocess.Popen(
+                ["unshare", "-m", "--propagation", "private", "bash", "-c", _INNER, "inner", *args],
+                stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,
+            )
+    except BaseException:
+        remove_cgroups(cgroups)
+        raise
     container = Container(run_dir=run_dir, process=process, cgroups=cgroups)
     try:
         container.leader = _wait_for_manager(container, started + timeout)
@@ -647,7 +651,7 @@ def boot(
 
 
 def _wait_for_manager(container: Container, deadline: float) -> int:
-    """PID (host view) of the guest's systemd, once its private socket accepts systemctl."""
+    """PID (host view) of the guest's systemd, once it has bound the socket systemctl uses."""
     nspawn = container.process.pid
     while time.monotonic() < deadline:
         if container.process.poll() is not None:
