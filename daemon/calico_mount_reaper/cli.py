@@ -15,15 +15,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, TextIO
 
-from calico_mount_reaper import __version__
+from calico_mount_reaper import __version__, journal
 from calico_mount_reaper.config import Config, ConfigError, load
 from calico_mount_reaper.plan import Mode
-from calico_mount_reaper.reaper import PassReport, in_host_mount_namespace, run_pass
+from calico_mount_reaper.reaper import (
+    PassReport,
+    in_host_mount_namespace,
+    journal_outcome,
+    journal_report,
+    run_pass,
+)
 
 EXIT_OK, EXIT_REMAIN, EXIT_USAGE, EXIT_NOPERM, EXIT_CONFIG = 0, 1, 2, 77, 78
 JSON_SCHEMA_VERSION = 1
@@ -180,7 +188,16 @@ def cmd_reap(args: argparse.Namespace, config: Config) -> int:
             "or use --dry-run to see the plan\n"
         )
         return EXIT_NOPERM
-    report = run_pass(config, _mode(args), dry_run=args.dry_run)
+    # Run from a unit (kubelet's ExecStopPost), the decisions go to the journal as entries.
+    log = None
+    if not args.dry_run and journal.choose_sink(sys.stderr) is journal.Sink.JOURNAL:
+        log = journal.setup()
+    report = run_pass(
+        config, _mode(args), dry_run=args.dry_run,
+        on_outcome=None if log is None else partial(journal_outcome, log),
+    )
+    if log is not None:
+        _journal_decisions(log, report)
     # Refusals (in use, held) are decisions, not failures: only an allowed reap that left
     # something mounted is exit 1.
     code = EXIT_REMAIN if report.unreaped and not args.dry_run else EXIT_OK
@@ -196,6 +213,16 @@ def cmd_reap(args: argparse.Namespace, config: Config) -> int:
     for w in report.warnings:
         sys.stderr.write(f"warning: {w}\n")
     return code
+
+
+def _journal_decisions(log: logging.Logger, report: PassReport) -> None:
+    journal_report(log, report)
+    for a in report.assessments:
+        if not a.reap:
+            journal.event(log, "VERDICT", f"{a.site.mount_point}: left alone, {a.reason}",
+                          mount_point=a.site.mount_point, mount_id=a.site.roots[0].mount_id,
+                          fstype=a.site.roots[0].fstype, target=a.site.rule.name,
+                          reason=a.reason, result="refused")
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

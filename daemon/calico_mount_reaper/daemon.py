@@ -26,12 +26,17 @@ from calico_mount_reaper import grace, journal, liveness, metrics
 from calico_mount_reaper.config import Config, ConfigError
 from calico_mount_reaper.mountinfo import Mount
 from calico_mount_reaper.notify import Notifier, watchdog_interval
-from calico_mount_reaper.plan import Action, Assessment, Mode, find_sites, plan
-from calico_mount_reaper.reaper import MOUNTINFO, in_host_mount_namespace, run_pass
+from calico_mount_reaper.plan import Assessment, Mode, find_sites, plan
+from calico_mount_reaper.reaper import (
+    MOUNTINFO,
+    in_host_mount_namespace,
+    journal_outcome,
+    journal_report,
+    run_pass,
+)
 from calico_mount_reaper.sources.mountinfo import Coalescer, MountTableWatch, diff
 from calico_mount_reaper.sources.processes import OwnerExits
 from calico_mount_reaper.targets import rule_for
-from calico_mount_reaper.unmount import Outcome, Result
 
 # Re-reads of the mount table are at least this far apart, however many events arrive.
 REREAD_INTERVAL = 0.2
@@ -299,39 +304,15 @@ class Daemon:
     def _reap(self, mode: Mode, only: set[str] | None, now: float) -> None:
         report = run_pass(
             self.config, mode, liveness=self.state.liveness, only=only,
-            on_outcome=self._log_outcome, mountinfo_path=self.mountinfo_path,
+            on_outcome=lambda outcome, action: journal_outcome(self.log, outcome, action),
+            mountinfo_path=self.mountinfo_path,
         )
-        still = {s.mount_point for s in report.remaining}
-        for a in report.assessments:
-            if a.reap and a.site.mount_point not in still:
-                self.state.counters.reaps_total += 1
-                self._event("REAPED", f"reaped {a.site.mount_point}: {len(a.site.members)} "
-                            f"mount(s) gone ({mode.value})", mount_point=a.site.mount_point,
-                            target=a.site.rule.name, reason=a.reason, result="reaped",
-                            mount_id=a.site.roots[0].mount_id, fstype=a.site.roots[0].fstype)
-            elif a.reap:
-                self.state.counters.failures_total += 1
+        tally = journal_report(self.log, report)
+        counters = self.state.counters
+        counters.reaps_total += tally.reaped
+        counters.failures_total += tally.failed
+        counters.refusals_total += tally.refused
         self.coalescer = self.coalescer.changed(now)  # see our own unmounts in the table
-
-    def _log_outcome(self, outcome: Outcome, action: Action) -> None:
-        m = outcome.mount
-        fields: dict[str, Any] = dict(mount_point=m.mount_point, mount_id=m.mount_id,
-                                      fstype=m.fstype, target=action.site.rule.name,
-                                      reason=outcome.detail, result=outcome.result.value)
-        if outcome.blockers:
-            fields["blockers"] = ", ".join(str(b) for b in outcome.blockers)
-            self._event("BUSY", f"{m.mount_point} is busy: held by {fields['blockers']}",
-                        logging.WARNING, **fields)
-        if outcome.result is Result.REFUSED:
-            self.state.counters.refusals_total += 1
-            self._event("REAP_REFUSED", f"refused to unmount {m.mount_point}: {outcome.detail}",
-                        logging.WARNING, **fields)
-        elif outcome.result is Result.FAILED:
-            self._event("REAP_FAILED", f"failed to unmount {m.mount_point}: {outcome.detail}",
-                        logging.ERROR, **fields)
-        else:
-            self.log.info("%s %s (mount %d, %s): %s", outcome.result.value, m.mount_point,
-                          m.mount_id, m.fstype, outcome.detail)
 
     def _publish(self, now: float, assessments: Iterable[Assessment]) -> None:
         """STATUS= line and the metrics file."""
@@ -463,7 +444,7 @@ class Daemon:
         os.close(self._signal_w)
 
     def _event(self, name: str, message: str, level: int = logging.INFO, **fields: Any) -> None:
-        journal.event(self.log, name, message, level=level, **fields)
+        journal.event(self.log, name, message, level=level, stacklevel=2, **fields)
 
 
 def run(config_path: str | None, verbose: bool = False) -> int:

@@ -8,11 +8,12 @@ fresh read, never what we hoped happened.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
-from calico_mount_reaper import mountinfo
+from calico_mount_reaper import journal, mountinfo
 from calico_mount_reaper.config import Config
 from calico_mount_reaper.liveness import Liveness, observe
 from calico_mount_reaper.plan import Action, Assessment, Mode, Site, find_sites, plan
@@ -138,3 +139,50 @@ def _remove_emptied_dirs(report: PassReport) -> None:
     for point in sorted(gone, reverse=True):
         if remove_mount_point(point) is None:
             report.removed_dirs.append(point)
+
+
+@dataclass(frozen=True)
+class Tally:
+    reaped: int  # sites gone completely
+    failed: int  # sites this pass was allowed to reap that are still mounted
+    refused: int  # unmounts a safety check refused
+
+
+def journal_outcome(log: logging.Logger, outcome: Outcome, action: Action) -> None:
+    """One journal entry per unmount attempt that did not simply succeed."""
+    m = outcome.mount
+    fields: dict[str, object] = dict(
+        mount_point=m.mount_point, mount_id=m.mount_id, fstype=m.fstype,
+        target=action.site.rule.name, reason=outcome.detail, result=outcome.result.value,
+    )
+    if outcome.blockers:
+        fields["blockers"] = ", ".join(str(b) for b in outcome.blockers)
+        journal.event(log, "BUSY", f"{m.mount_point} is busy: held by {fields['blockers']}",
+                      level=logging.WARNING, stacklevel=2, **fields)
+    if outcome.result is Result.REFUSED:
+        journal.event(log, "REAP_REFUSED", f"refused to unmount {m.mount_point}: "
+                      f"{outcome.detail}", level=logging.WARNING, stacklevel=2, **fields)
+    elif outcome.result is Result.FAILED:
+        journal.event(log, "REAP_FAILED", f"failed to unmount {m.mount_point}: {outcome.detail}",
+                      level=logging.ERROR, stacklevel=2, **fields)
+    else:
+        log.info("%s %s (mount %d, %s): %s", outcome.result.value, m.mount_point, m.mount_id,
+                 m.fstype, outcome.detail)
+
+
+def journal_report(log: logging.Logger, report: PassReport) -> Tally:
+    """A REAPED entry for every site that is gone, judged by the fresh read at the end."""
+    still = {s.mount_point for s in report.remaining}
+    reaped = 0
+    for a in report.assessments:
+        if a.reap and a.site.mount_point not in still:
+            reaped += 1
+            journal.event(
+                log, "REAPED", f"reaped {a.site.mount_point}: {len(a.site.members)} mount(s) "
+                f"gone ({report.mode.value}; {a.reason})", stacklevel=2,
+                mount_point=a.site.mount_point, mount_id=a.site.roots[0].mount_id,
+                fstype=a.site.roots[0].fstype, target=a.site.rule.name, reason=a.reason,
+                result="reaped",
+            )
+    refused = sum(1 for o in report.outcomes if o.result is Result.REFUSED)
+    return Tally(reaped, len(report.unreaped), refused)
