@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from daemon_harness import DaemonRun
+from system_bus import Bus
 
 CGROUP = "/run/calico/cgroup"
 
@@ -209,3 +210,86 @@ def test_without_cap_sys_admin_it_exits_77_and_says_why(tmp_path: Path) -> None:
     )
     assert out.returncode == 77
     assert "CAP_SYS_ADMIN" in out.stderr
+
+
+# ---- with systemd on a bus: a real dbus-daemon and a fake systemd/logind (tests/system_bus.py) --
+
+
+@pytest.fixture
+def bus(tmp_path: Path) -> Iterator[Bus]:
+    pytest.importorskip("dbus_next")
+    b = Bus(tmp_path)
+    b.start()
+    b.tell("unitfile kubelet.service enabled")
+    b.tell("active kubelet.service active")
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def bus_daemon(tmp_path: Path, bus: Bus) -> Iterator[DaemonRun]:
+    with DaemonRun(tmp_path, env={"DBUS_SYSTEM_BUS_ADDRESS": bus.address}) as run:
+        yield run
+
+
+def test_kubelet_stop_over_dbus_releases_the_hold(bus: Bus, bus_daemon: DaemonRun) -> None:
+    bus_daemon.start()
+    bus_daemon.wait_notify("READY=1")
+    assert "following systemd over D-Bus" in bus_daemon.log()
+    bus_daemon.mount("cgroup2", CGROUP)
+    bus_daemon.wait_log("left alone, held: kubelet is active")
+    time.sleep(1.3)
+    assert bus_daemon.mounted(CGROUP) == 1
+    bus.tell("active kubelet.service inactive")
+    stopped = time.monotonic()
+    gone = bus_daemon.wait_until(lambda: bus_daemon.mounted(CGROUP) == 0, what="reap")
+    assert 1.0 <= gone - stopped <= 2.0, gone - stopped
+
+
+def test_decommission_reaps_without_grace(bus: Bus, bus_daemon: DaemonRun) -> None:
+    bus_daemon.config_path.write_text("grace_period = 100\n")
+    bus_daemon.start()
+    bus_daemon.wait_notify("READY=1")
+    bus_daemon.mount("cgroup2", CGROUP)
+    bus_daemon.wait_log("left alone, held: kubelet is active")
+    bus.tell("unitfile kubelet.service disabled")
+    bus_daemon.wait_until(lambda: bus_daemon.mounted(CGROUP) == 0, timeout=5, what="reap")
+    assert "node decommission" in bus_daemon.log()
+
+
+def test_sigterm_while_the_system_goes_down_reaps_everything(
+    bus: Bus, bus_daemon: DaemonRun, tmp_path: Path
+) -> None:
+    owner = bus_daemon.shell.popen([owner_exe(tmp_path), "600"])
+    try:
+        bus_daemon.start()
+        bus_daemon.wait_notify("READY=1")
+        for fstype in ("cgroup2", "tmpfs", "cgroup2"):
+            bus_daemon.mount(fstype, CGROUP)
+        bus_daemon.wait_log("in use by calico-node")
+        bus.tell("job shutdown.target")
+        bus_daemon.wait_log("system is going down")
+        assert bus_daemon.stop() == 0
+        assert bus_daemon.mounted(CGROUP) == 0  # owner still alive: the node is going down
+        assert "final reap: yes" in bus_daemon.log()
+        assert any("STOPPING=1" in m for _, m in bus_daemon.collect(0.1))
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def test_bus_loss_degrades_then_reconnects_and_resubscribes(
+    bus: Bus, bus_daemon: DaemonRun
+) -> None:
+    bus_daemon.start()
+    bus_daemon.wait_notify("READY=1")
+    assert bus.subscribes() == 1
+    bus.stop()
+    bus_daemon.wait_log("judging kubelet by its process")
+    bus_daemon.wait_notify("degraded: no D-Bus")
+    bus.start()
+    bus.tell("unitfile kubelet.service enabled")
+    bus.tell("active kubelet.service active")
+    bus_daemon.wait_until(lambda: bus.subscribes() == 1, timeout=10, what="re-Subscribe")
+    bus_daemon.mount("cgroup2", CGROUP)
+    bus_daemon.wait_log("left alone, held: kubelet is active")
