@@ -35,11 +35,6 @@ from typing import Any
 
 from calico_mount_reaper.targets import BUILTIN_RULES, Rule, is_denied, normalize_path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on older Pythons only
-    import tomli as tomllib
-
 DEFAULT_PATH = "/etc/calico-mount-reaper/config.toml"
 ENV_VAR = "CALICO_MOUNT_REAPER_CONFIG"
 REAP_ON_STOP_CHOICES = ("shutdown", "always", "never")
@@ -221,6 +216,12 @@ def load_file(path: str) -> Config:
     except ConfigError:
         os.close(fd)
         raise
+    # Imported here, not at the top: most runs have no config file, and a status pass on a
+    # node with nothing to decide should not pay for a TOML parser.
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on older Pythons only
+        import tomli as tomllib
     with os.fdopen(fd, "rb") as f:
         try:
             data = tomllib.load(f)
