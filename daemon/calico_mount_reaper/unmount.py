@@ -1,12 +1,15 @@
 """The unmount engine: umount2 and statx through ctypes, behind an exact mount-ID check.
 
 Every unmount goes through `unmount_planned`, which
-1. asks the kernel which mount the path refers to *right now* (statx ``STATX_MNT_ID`` with
-   ``AT_SYMLINK_NOFOLLOW``; fdinfo on an ``O_PATH|O_NOFOLLOW`` fd on kernels before 5.8) and
+1. pins the parent directory with an ``O_PATH`` fd, asks the kernel which mount the last
+   component refers to *right now* (statx ``STATX_MNT_ID`` with ``AT_SYMLINK_NOFOLLOW``
+   relative to that fd; fdinfo on an ``O_PATH|O_NOFOLLOW`` fd on kernels before 5.8) and
    refuses unless it is exactly the mount that was planned. ``st_dev`` would not do: every
    cgroup2 mount shares one device number;
-2. calls ``umount2(path, UMOUNT_NOFOLLOW)`` so a symlink swapped in at the last component is
-   never followed;
+2. calls ``umount2("/proc/self/fd/<parent>/<name>", UMOUNT_NOFOLLOW)``: the lookup starts at
+   the very directory that was checked, so swapping a directory on the way for a symlink
+   (``/run/calico`` -> a tree holding another cgroup2 mount) after the check cannot redirect
+   the unmount, and a symlink swapped in at the last component is never followed;
 3. on EBUSY retries with a doubling backoff, then detaches (``MNT_DETACH``) where allowed, as
    systemd does for API filesystems at shutdown, and names the processes that hold it.
 
@@ -92,11 +95,11 @@ class MountIdUnavailable(OSError):
     """Neither statx nor fdinfo could tell which mount a path is on."""
 
 
-def _statx_mount_id(path: bytes, follow: bool = False) -> int | None:
+def _statx_mount_id(path: bytes, follow: bool = False, dir_fd: int = AT_FDCWD) -> int | None:
     """statx's mount ID for ``path``; None on kernels that do not fill it in (< 5.8)."""
     buf = ctypes.create_string_buffer(_STATX_SIZE)
     flags = AT_NO_AUTOMOUNT | (0 if follow else AT_SYMLINK_NOFOLLOW)
-    if _libc.statx(AT_FDCWD, path, flags, STATX_MNT_ID, buf) != 0:
+    if _libc.statx(dir_fd, path, flags, STATX_MNT_ID, buf) != 0:
         err = ctypes.get_errno()
         if err == errno.ENOSYS:
             return None
@@ -107,9 +110,9 @@ def _statx_mount_id(path: bytes, follow: bool = False) -> int | None:
     return int.from_bytes(buf.raw[_STATX_MNT_ID_OFFSET : _STATX_MNT_ID_OFFSET + 8], "little")
 
 
-def _fdinfo_mount_id(path: str) -> int:
+def _fdinfo_mount_id(path: str, dir_fd: int | None = None) -> int:
     """The fallback for kernels before 5.8: fdinfo of an O_PATH|O_NOFOLLOW fd."""
-    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         found = _fdinfo_mnt_id(f"/proc/self/fdinfo/{fd}")
     finally:
@@ -119,10 +122,11 @@ def _fdinfo_mount_id(path: str) -> int:
     return found
 
 
-def mount_id_of(path: str) -> int:
+def mount_id_of(path: str, dir_fd: int | None = None) -> int:
     """The ID of the mount ``path`` refers to now, without following a final symlink."""
-    found = _statx_mount_id(os.fsencode(path))
-    return found if found is not None else _fdinfo_mount_id(path)
+    at = AT_FDCWD if dir_fd is None else dir_fd
+    found = _statx_mount_id(os.fsencode(path), dir_fd=at)
+    return found if found is not None else _fdinfo_mount_id(path, dir_fd)
 
 
 def _umount2(path: str, flags: int) -> int:
@@ -130,6 +134,22 @@ def _umount2(path: str, flags: int) -> int:
     if _libc.umount2(os.fsencode(path), flags | UMOUNT_NOFOLLOW) == 0:
         return 0
     return ctypes.get_errno()
+
+
+def _open_parent(path: str) -> tuple[int, str]:
+    """An O_PATH fd on the directory that holds ``path``'s last component, and that name.
+
+    Every later step (the mount-ID check, umount2, rmdir) goes through this one fd, so they all
+    see the same directory even if a component on the way is swapped for a symlink meanwhile.
+    """
+    parent, name = os.path.split(path.rstrip("/"))
+    fd = os.open(parent or "/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    return fd, name
+
+
+def _via(fd: int, name: str) -> str:
+    # The kernel resolves /proc/self/fd/N to the pinned directory itself, not to a path.
+    return f"/proc/self/fd/{fd}/{name}"
 
 
 def mount_exists(mount_id: int, mountinfo_path: str = "/proc/self/mountinfo") -> bool:
@@ -183,10 +203,12 @@ def find_blockers(mount_ids: Collection[int], proc_root: str = "/proc") -> tuple
     return tuple(found)
 
 
-def _check_planned(mount: Mount, mountinfo_path: str) -> Outcome | None:
-    """None if the path still refers to the planned mount; otherwise the outcome to report."""
+def _check_planned(
+    mount: Mount, mountinfo_path: str, dir_fd: int, name: str
+) -> Outcome | None:
+    """None if ``name`` in ``dir_fd`` is still the planned mount; otherwise what to report."""
     try:
-        current: int | None = mount_id_of(mount.mount_point)
+        current: int | None = mount_id_of(name, dir_fd)
     except FileNotFoundError:
         current = None  # gone, or hidden under a mount that lacks the path
     except OSError as exc:
@@ -214,12 +236,37 @@ def unmount_planned(
     sleep: Callable[[float], None] = time.sleep,
 ) -> Outcome:
     """Unmount exactly ``mount`` (by its path), or say why not."""
+    try:
+        dir_fd, name = _open_parent(mount.mount_point)
+    except FileNotFoundError:
+        if not mount_exists(mount.mount_id, mountinfo_path):
+            return Outcome(mount, Result.ALREADY_GONE, "unmounted by someone else")
+        return Outcome(mount, Result.REFUSED, "the path no longer exists; nothing was touched")
+    except OSError as exc:
+        return Outcome(mount, Result.REFUSED, f"cannot open the mount point's directory: {exc}")
+    try:
+        return _unmount_pinned(mount, policy, detach_allowed, site_ids, mountinfo_path, sleep,
+                               dir_fd, name)
+    finally:
+        os.close(dir_fd)
+
+
+def _unmount_pinned(
+    mount: Mount,
+    policy: BusyPolicy,
+    detach_allowed: bool,
+    site_ids: Collection[int],
+    mountinfo_path: str,
+    sleep: Callable[[float], None],
+    dir_fd: int,
+    name: str,
+) -> Outcome:
     delay = policy.backoff
     for attempt in range(policy.retries + 1):
-        refused = _check_planned(mount, mountinfo_path)
+        refused = _check_planned(mount, mountinfo_path, dir_fd, name)
         if refused is not None:
             return refused
-        err = _umount2(mount.mount_point, 0)
+        err = _umount2(_via(dir_fd, name), 0)
         if err == 0:
             return Outcome(mount, Result.UNMOUNTED, f"unmounted after {attempt + 1} attempt(s)")
         if err in (errno.EINVAL, errno.ENOENT):
@@ -238,10 +285,10 @@ def unmount_planned(
     blockers = find_blockers(set(site_ids) | {mount.mount_id})
     if not (policy.detach and detach_allowed):
         return Outcome(mount, Result.FAILED, "busy; detaching is not allowed for it", blockers)
-    refused = _check_planned(mount, mountinfo_path)
+    refused = _check_planned(mount, mountinfo_path, dir_fd, name)
     if refused is not None:
         return refused
-    err = _umount2(mount.mount_point, MNT_DETACH)
+    err = _umount2(_via(dir_fd, name), MNT_DETACH)
     if err == 0:
         return Outcome(mount, Result.DETACHED, "busy; detached (MNT_DETACH)", blockers)
     return Outcome(mount, Result.FAILED, f"busy; detach failed: {os.strerror(err)}", blockers)
