@@ -301,15 +301,22 @@ def remove_mount_point(path: str) -> str | None:
     stays (ENOTEMPTY), and a directory on cgroupfs/bpffs/sysfs/procfs is never touched,
     because an rmdir there removes a real cgroup or pinned object rather than a directory.
     """
-    parent = os.path.dirname(path) or "/"
     try:
-        if mount_id_of(path) != mount_id_of(parent):
-            return "still a mount point"
-        if _statfs_type(parent) in _SPECIAL_FS_MAGIC:
-            return "it sits on a cgroup/bpf/sysfs/proc filesystem"
-        os.rmdir(path)
+        dir_fd, name = _open_parent(path)
     except OSError as exc:
         return exc.strerror or str(exc)
+    try:
+        # All three steps go through the one pinned parent: a directory on the way swapped for
+        # a symlink into /sys/fs/cgroup after the checks cannot turn the rmdir into a cgroup's.
+        if mount_id_of(name, dir_fd) != mount_id_of(".", dir_fd):
+            return "still a mount point"
+        if _statfs_type(f"/proc/self/fd/{dir_fd}") in _SPECIAL_FS_MAGIC:
+            return "it sits on a cgroup/bpf/sysfs/proc filesystem"
+        os.rmdir(name, dir_fd=dir_fd)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        os.close(dir_fd)
     return None
 
 
