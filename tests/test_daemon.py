@@ -293,3 +293,47 @@ def test_bus_loss_degrades_then_reconnects_and_resubscribes(
     bus_daemon.wait_until(lambda: bus.subscribes() == 1, timeout=10, what="re-Subscribe")
     bus_daemon.mount("cgroup2", CGROUP)
     bus_daemon.wait_log("left alone, held: kubelet is active")
+
+
+def _garbage_lines_in_the_table() -> tuple[str, int]:
+    import io
+    import logging
+
+    import node
+
+    from calico_mount_reaper import journal, mountinfo
+    from calico_mount_reaper.config import Config
+    from calico_mount_reaper.daemon import Daemon
+    from calico_mount_reaper.notify import Notifier
+    from calico_mount_reaper.sources.mountinfo import MountTableWatch
+
+    class GarbledWatch(MountTableWatch):
+        """Stands in for a kernel that writes malformed lines (a real one never does)."""
+
+        def read(self) -> mountinfo.ParseResult:
+            real = super().read()
+            text = "\n".join(node.lines()) + "\nnot a mountinfo line\n42 x\n\x00\xff - -\n"
+            garbled = mountinfo.parse(text)
+            assert len(garbled.mounts) == len(real.mounts)
+            return garbled
+
+    out = io.StringIO()
+    log = journal.setup(stream=out)
+    daemon = Daemon(Config(grace_period=0), None, log, Notifier())
+    daemon.mount_watch.close()
+    daemon.selector.unregister(daemon.mount_watch)
+    daemon.mount_watch = GarbledWatch()
+    node.mount_at("cgroup2", CGROUP)
+    daemon._reread(0.0)
+    daemon._evaluate(0.0)
+    logging.getLogger(journal.LOGGER_NAME).handlers.clear()
+    return out.getvalue(), node.points().count(CGROUP)
+
+
+def test_malformed_mountinfo_lines_are_skipped_with_a_warning_and_the_loop_goes_on() -> None:
+    from nsutil import in_namespace
+
+    log, still_mounted = in_namespace(_garbage_lines_in_the_table)
+    assert log.count("skipped") == 3, log
+    assert "reaped /run/calico/cgroup" in log
+    assert still_mounted == 0

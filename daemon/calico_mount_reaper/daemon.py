@@ -41,6 +41,9 @@ from calico_mount_reaper.targets import rule_for
 # Re-reads of the mount table are at least this far apart, however many events arrive.
 REREAD_INTERVAL = 0.2
 BUS_RETRY_FIRST, BUS_RETRY_MAX = 1.0, 60.0
+# After an OSError in a step: retry this much later, and repeat the same log line at most this
+# often, so a persistent fault neither spins the loop nor floods the journal.
+ERROR_RETRY, ERROR_REPEAT = 1.0, 60.0
 # Test-only fault switches (README, "Fault switches"): never set on a real node.
 FAULTS_ENV = "CALICO_MOUNT_REAPER_FAULTS"
 
@@ -95,6 +98,7 @@ class Daemon:
         self.bus_address = bus_address
         self.bus_retry_at: float | None = None
         self.bus_backoff = BUS_RETRY_FIRST
+        self._last_error, self._last_error_at = "", 0.0
         self.watchdog = watchdog_interval()
         now = clock()
         self.next_ping = now + self.watchdog if self.watchdog else None
@@ -397,9 +401,31 @@ class Daemon:
         while not self.state.stop_requested:
             now = self.clock()
             for key, _ in self.selector.select(self._timeout(now)):
-                key.data(self.clock())
-            self._tick(self.clock())
+                self._survive(key.data)
+            self._survive(self._tick)
         return self._stop()
+
+    def _survive(self, step: Callable[[float], None]) -> None:
+        """Run one step; an OSError from the node (EMFILE, ENOMEM, EACCES...) is logged and
+        retried later instead of ending the daemon. Programming errors still crash it, and
+        systemd's Restart=on-failure brings it back with a clean state."""
+        now = self.clock()
+        try:
+            step(now)
+        except OSError as exc:
+            message = f"{getattr(step, '__name__', 'step')}: {exc}"
+            if message != self._last_error or now - self._last_error_at > ERROR_REPEAT:
+                self.log.error("carrying on after an error (retrying in %g s): %s",
+                               ERROR_RETRY, message, exc_info=True)
+                self._last_error, self._last_error_at = message, now
+            # Push every deadline that is due back, or the loop would spin on the same error.
+            later = now + ERROR_RETRY
+            if self.coalescer.due is not None:
+                self.coalescer = replace(self.coalescer, due=max(self.coalescer.due, later))
+            if self.bus_retry_at is not None:
+                self.bus_retry_at = max(self.bus_retry_at, later)
+            self.state.liveness_stale = True
+            self.state.evaluate_at = later
 
     def _stop(self) -> int:
         now = self.clock()
