@@ -272,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("demo", help="reproduce the leftover-mount problem and its fix in a sandbox")
 
+    units = add("install-units", help="install the systemd unit, kubelet drop-in, preset and "
+                "journal catalog of this installation (idempotent)")
+    units.add_argument("--root", default="/", metavar="DIR",
+                       help="install under DIR instead of / (an image being built)")
+
     run = add("run", help="serve as the node daemon (a systemd Type=notify service)")
     run.add_argument("--verbose", action="store_true", help="log debug detail too")
     return parser
@@ -290,6 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from calico_mount_reaper.demo import run_demo
 
             return run_demo()
+        if args.command == "install-units":
+            from calico_mount_reaper.install import main as install_units
+
+            return install_units(args.root, args.config)
         if args.command == "run":
             if not has_cap_sys_admin():
                 sys.stderr.write("error: the daemon needs CAP_SYS_ADMIN to unmount; run it as "
