@@ -182,14 +182,19 @@ def _remount_between_reads() -> tuple[list[str], list[str], bool]:
     with MountTableWatch() as watch:
         mount("tmpfs", "/run/a", "tmpfs")
         mount("tmpfs", "/run/b", "tmpfs")
-        old = watch.read().mounts
-        umount("/run/a")
-        mount("tmpfs", "/run/a", "tmpfs")  # the kernel usually hands out the same mount ID
-        new = watch.read().mounts
+        # Mount IDs are allocated machine-wide, lowest free first: a mount elsewhere on the
+        # machine (another test, a container) can take the freed ID. Try until it is reused.
+        for _ in range(50):
+            old = watch.read().mounts
+            umount("/run/a")
+            mount("tmpfs", "/run/a", "tmpfs")
+            new = watch.read().mounts
+            reused = {m.mount_id for m in old if m.mount_point == "/run/a"} == {
+                m.mount_id for m in new if m.mount_point == "/run/a"
+            }
+            if reused:
+                break
     appeared, gone = diff(old, new)
-    reused = {m.mount_id for m in old if m.mount_point == "/run/a"} == {
-        m.mount_id for m in new if m.mount_point == "/run/a"
-    }
     return [m.mount_point for m in appeared], [m.mount_point for m in gone], reused
 
 
