@@ -37,6 +37,7 @@ AT_SYMLINK_NOFOLLOW = 0x100
 AT_NO_AUTOMOUNT = 0x800
 STATX_MNT_ID = 0x1000
 _STATX_SIZE = 256
+_STATX_DEV_OFFSET = 136  # struct statx: stx_dev_major, stx_dev_minor (u32 each)
 _STATX_MNT_ID_OFFSET = 144  # struct statx: stx_mnt_id follows the dev/rdev numbers
 
 # Filesystems we must never delete anything in (safety rule 3).
@@ -97,36 +98,56 @@ class MountIdUnavailable(OSError):
 
 def _statx_mount_id(path: bytes, follow: bool = False, dir_fd: int = AT_FDCWD) -> int | None:
     """statx's mount ID for ``path``; None on kernels that do not fill it in (< 5.8)."""
+    return _statx_identity(path, follow, dir_fd)[0]
+
+
+def _statx_identity(
+    path: bytes, follow: bool = False, dir_fd: int = AT_FDCWD
+) -> tuple[int | None, str]:
+    """(mount ID or None before 5.8, "major:minor" of the filesystem) from one statx call."""
     buf = ctypes.create_string_buffer(_STATX_SIZE)
     flags = AT_NO_AUTOMOUNT | (0 if follow else AT_SYMLINK_NOFOLLOW)
     if _libc.statx(dir_fd, path, flags, STATX_MNT_ID, buf) != 0:
         err = ctypes.get_errno()
         if err == errno.ENOSYS:
-            return None
+            return None, ""
         raise OSError(err, os.strerror(err), os.fsdecode(path))
-    mask = int.from_bytes(buf.raw[0:4], "little")
-    if not mask & STATX_MNT_ID:
-        return None
-    return int.from_bytes(buf.raw[_STATX_MNT_ID_OFFSET : _STATX_MNT_ID_OFFSET + 8], "little")
+    raw = buf.raw
+    major = int.from_bytes(raw[_STATX_DEV_OFFSET : _STATX_DEV_OFFSET + 4], "little")
+    minor = int.from_bytes(raw[_STATX_DEV_OFFSET + 4 : _STATX_DEV_OFFSET + 8], "little")
+    dev = f"{major}:{minor}"
+    if not int.from_bytes(raw[0:4], "little") & STATX_MNT_ID:
+        return None, dev
+    return int.from_bytes(raw[_STATX_MNT_ID_OFFSET : _STATX_MNT_ID_OFFSET + 8], "little"), dev
 
 
-def _fdinfo_mount_id(path: str, dir_fd: int | None = None) -> int:
-    """The fallback for kernels before 5.8: fdinfo of an O_PATH|O_NOFOLLOW fd."""
+def _fdinfo_identity(path: str, dir_fd: int | None = None) -> tuple[int, str]:
+    """The fallback for kernels before 5.8: fdinfo and fstat of one O_PATH|O_NOFOLLOW fd."""
     fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         found = _fdinfo_mnt_id(f"/proc/self/fdinfo/{fd}")
+        st_dev = os.fstat(fd).st_dev
     finally:
         os.close(fd)
     if found is None:
         raise MountIdUnavailable(errno.ENOTSUP, "no mnt_id in fdinfo", path)
-    return found
+    return found, f"{os.major(st_dev)}:{os.minor(st_dev)}"
 
 
 def mount_id_of(path: str, dir_fd: int | None = None) -> int:
     """The ID of the mount ``path`` refers to now, without following a final symlink."""
+    return mount_identity(path, dir_fd)[0]
+
+
+def mount_identity(path: str, dir_fd: int | None = None) -> tuple[int, str]:
+    """(mount ID, "major:minor") of what ``path`` refers to now, final symlink not followed.
+
+    The old 32-bit mount IDs that mountinfo shows are reused lowest-free-first, so an ID alone
+    may name a newer mount at the same path; the device number tells another filesystem apart.
+    """
     at = AT_FDCWD if dir_fd is None else dir_fd
-    found = _statx_mount_id(os.fsencode(path), dir_fd=at)
-    return found if found is not None else _fdinfo_mount_id(path, dir_fd)
+    found, dev = _statx_identity(os.fsencode(path), dir_fd=at)
+    return (found, dev) if found is not None else _fdinfo_identity(path, dir_fd)
 
 
 def _umount2(path: str, flags: int) -> int:
@@ -208,13 +229,20 @@ def _check_planned(
 ) -> Outcome | None:
     """None if ``name`` in ``dir_fd`` is still the planned mount; otherwise what to report."""
     try:
-        current: int | None = mount_id_of(name, dir_fd)
+        current: int | None
+        current, dev = mount_identity(name, dir_fd)
     except FileNotFoundError:
-        current = None  # gone, or hidden under a mount that lacks the path
+        current, dev = None, ""  # gone, or hidden under a mount that lacks the path
     except OSError as exc:
         return Outcome(mount, Result.REFUSED, f"cannot tell which mount the path is on: {exc}")
-    if current == mount.mount_id:
+    if current == mount.mount_id and dev == mount.major_minor:
         return None
+    if current == mount.mount_id:
+        # The ID was freed and handed to a newer mount of another filesystem (or, on btrfs,
+        # st_dev names a subvolume): either way not provably the planned mount.
+        return Outcome(
+            mount, Result.REFUSED, f"mount ID {current} now names a filesystem with device "
+            f"{dev}, not the planned {mount.major_minor} (ID reused); nothing was touched")
     if not mount_exists(mount.mount_id, mountinfo_path):
         return Outcome(mount, Result.ALREADY_GONE, "unmounted by someone else (or by propagation)")
     now = "no longer exists" if current is None else f"now refers to mount {current}"
