@@ -55,7 +55,8 @@ def test_pidfds_are_supported_here() -> None:
 def test_owner_exit_is_seen_promptly(spawn: Spawn) -> None:
     node = spawn("calico-node")
     time.sleep(0.05)  # let exec finish so that comm is the new name
-    assert find_owners(scan_processes(), ["calico-node"]) == {"calico-node": (node.pid,)}
+    # Other calico-node processes may live on the machine (other tests): ours must be among them.
+    assert node.pid in find_owners(scan_processes(), ["calico-node"])["calico-node"]
     with OwnerExits() as exits:
         assert exits.watch([node.pid]) == []
         assert exits.watched == {node.pid}
