@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
-
 from calico_mount_reaper import install
 from calico_mount_reaper.journal import MESSAGE_IDS
+
 from e2e import harness
 from e2e.conftest import Boot
 
@@ -108,6 +109,16 @@ def active(c: harness.Container, unit: str) -> str:
     return c.run(["systemctl", "is-active", unit], check=False).stdout.strip()
 
 
+def pid1_tracks(c: harness.Container, path: str) -> None:
+    """Wait until PID 1 has a mount unit for ``path``, so it would unmount it at shutdown.
+
+    systemd picks up new mounts a few hundred milliseconds late; powering off before that
+    would make "no Unmounting ... line" prove nothing.
+    """
+    unit = install.mount_unit(path)
+    c.wait_for(lambda: active(c, unit) == "active", what=f"PID 1 to track {unit}")
+
+
 # --------------------------------------------------------------------------- 1
 
 def test_enable_now_reaches_active_with_ready(boot: Boot) -> None:
@@ -150,12 +161,240 @@ def test_enable_now_reaches_active_with_ready(boot: Boot) -> None:
     preset = c.run(["systemctl", "preset", "--dry-run", UNIT], check=False)
     assert "Removed" not in preset.stdout + preset.stderr, preset
 
-    started = reaper_events(c, "STARTED", _SYSTEMD_UNIT=UNIT)
-    assert started and started[0]["RESULT"] == "ready", started
+    started = c.wait_for(lambda: reaper_events(c, "STARTED", _SYSTEMD_UNIT=UNIT), what="STARTED")
+    assert started[0]["RESULT"] == "ready", started
     # The daemon's own namespace is PID 1's: no WRONG_NAMESPACE entry.
     assert not reaper_events(c, "WRONG_NAMESPACE")
-    # READY arrived before systemd logged the unit as started.
+    # systemd logged the unit as started only after the daemon's first pass (its entries go
+    # through the same journal socket as PID 1's, so their order is the order of sending).
     lines = c.journal("-o", "short-monotonic").splitlines()
-    assert line_index(lines, r"calico-mount-reaper\[\d+\]: watching") < line_index(
-        lines, r"Started calico-mount-reaper\.service"
+    assert line_index(lines, r"calico-mount-reaper\[\d+\]: following systemd over D-Bus") < \
+        line_index(lines, r"Started calico-mount-reaper\.service")
+
+
+def booted(boot: Boot, grace: float, kubelet: bool = True, **extra: harness.FileSource,
+           ) -> harness.Container:
+    """A node with the reaper enabled (and a dummy kubelet), started at boot like a real one."""
+    files = units(config(grace), **extra)
+    enable = [UNIT]
+    if kubelet:
+        files["/etc/systemd/system/kubelet.service"] = harness.DUMMY_KUBELET_UNIT
+        enable.append("kubelet.service")
+    c = boot(files=files, enable=enable)
+    for unit in enable:
+        assert active(c, unit) == "active", c.journal("-u", unit)
+    return c
+
+
+# --------------------------------------------------------------------------- 2
+
+def test_mount_in_use_under_active_kubelet_is_left_alone_with_the_reason(boot: Boot) -> None:
+    c = booted(boot, grace=0.5)
+    owner = start_owner(c)
+    stack_calico(c)
+    refused = c.wait_for(
+        lambda: reaper_events(c, "VERDICT", MOUNT_POINT=CALICO, RESULT="refused"),
+        what="a refusal verdict",
     )
+    assert refused[0]["REASON"] == f"in use by calico-node (pid {owner})", refused
+    assert refused[0]["_SYSTEMD_UNIT"] == UNIT and refused[0]["TARGET"] == "calico"
+
+    # The owner goes, kubelet stays: still held, and the journal says that too.
+    c.run(["systemctl", "stop", "calico-node-fake.service"])
+    c.wait_for(
+        lambda: [e for e in reaper_events(c, "VERDICT", MOUNT_POINT=CALICO, RESULT="refused")
+                 if e["REASON"].startswith("held: kubelet is active")],
+        what="a 'held' verdict",
+    )
+    time.sleep(1.5)  # three grace periods: nothing may happen
+    assert len(mounts_at(c, CALICO)) == 3, c.mountinfo()
+    assert not reaper_events(c, "REAPED")
+    status = c.run([COMMAND, "status"]).stdout
+    assert re.search(r"/run/calico/cgroup\s+calico\s+3\s+held\s+held: kubelet is active", status), \
+        status
+
+
+# --------------------------------------------------------------------------- 3
+
+def test_owner_exit_and_kubelet_stop_reaps_before_stop_returns(boot: Boot) -> None:
+    # A grace period far longer than the test: a reap seen here is the drop-in's, not the
+    # daemon's.
+    c = booted(boot, grace=600)
+    start_owner(c)
+    stack_calico(c)
+    c.wait_for(lambda: reaper_events(c, "VERDICT", RESULT="refused"), what="refusal")
+    c.run(["systemctl", "stop", "calico-node-fake.service"])
+
+    c.run(["systemctl", "stop", "kubelet.service"])
+    # Synchronous: the whole stack is gone from PID 1's table the moment the stop returns.
+    assert mounts_at(c, CALICO) == [], c.mountinfo()
+
+    reaped = c.wait_for(lambda: reaper_events(c, "REAPED", MOUNT_POINT=CALICO), what="REAPED")
+    assert len(reaped) == 1 and reaped[0]["_SYSTEMD_UNIT"] == "kubelet.service", reaped
+    assert "3 mount(s) gone" in reaped[0]["MESSAGE"], reaped
+    lines = c.journal("-o", "short-monotonic").splitlines()
+    assert line_index(lines, r"calico-mount-reaper\[\d+\]: reaped /run/calico/cgroup") < \
+        line_index(lines, r"Stopped kubelet\.service", last=True)
+    assert active(c, UNIT) == "active"
+
+
+# --------------------------------------------------------------------------- 4
+
+def test_poweroff_with_the_owner_running_reaps_before_the_reaper_stops(boot: Boot) -> None:
+    c = booted(boot, grace=0.5)
+    start_owner(c)
+    stack_calico(c)
+    c.wait_for(lambda: reaper_events(c, "VERDICT", RESULT="refused"), what="refusal")
+    pid1_tracks(c, CALICO)
+    assert c.poweroff() == 0, c.console_log[-3000:]
+
+    lines = c.journal("-o", "short-monotonic").splitlines()
+    kubelet_stopped = line_index(lines, r"Stopped kubelet\.service", last=True)
+    reaper_stopping = line_index(lines, r"Stopping calico-mount-reaper\.service")
+    reaped = line_index(lines, r"calico-mount-reaper\[\d+\]: reaped /run/calico/cgroup")
+    reaper_stopped = line_index(lines, r"Stopped calico-mount-reaper\.service")
+    owner_stopped = line_index(lines, r"Stopped calico-node-fake\.service")
+    # PID 1 logs "Stopping" after it has sent SIGTERM, so the daemon's reap may come first:
+    # what matters is that kubelet was down before, and the reap done before the unit stopped.
+    journal = "\n".join(lines[-80:])
+    assert kubelet_stopped < reaper_stopping < reaper_stopped, journal
+    assert kubelet_stopped < reaped < reaper_stopped, journal
+    # Reaped although its owner still ran: the whole node was going down.
+    assert reaped < owner_stopped
+    assert not [line for line in lines if "Unmounting run-calico-cgroup.mount" in line]
+
+    final = reaper_events(c, "REAPED", MOUNT_POINT=CALICO)
+    assert [e["_SYSTEMD_UNIT"] for e in final] == [UNIT], final
+    assert final[0]["MESSAGE"].startswith("reaped /run/calico/cgroup: 3 mount(s) gone (shutdown")
+    # kubelet's drop-in ran first and respected the verdict: the owner was alive.
+    stopping = reaper_events(c, "STOPPING")
+    assert stopping and stopping[-1]["RESULT"] == "final-reap", stopping
+
+
+# --------------------------------------------------------------------------- 5
+
+@pytest.mark.parametrize("how", ["disable", "remove"])
+def test_decommission_reaps_without_waiting_for_grace(boot: Boot, how: str) -> None:
+    c = booted(boot, grace=3600)
+    c.run(f"mkdir -p {CALICO} && mount -t cgroup2 none {CALICO}")
+    c.wait_for(lambda: reaper_events(c, "VERDICT", RESULT="refused"), what="held verdict")
+    started = time.monotonic()
+    if how == "disable":
+        c.run(["systemctl", "disable", "kubelet.service"])
+    else:
+        c.run("rm /etc/systemd/system/kubelet.service && systemctl daemon-reload")
+    c.wait_for(lambda: not mounts_at(c, CALICO), timeout=15, what="decommission reap")
+    assert time.monotonic() - started < 15
+    reaped = c.wait_for(lambda: reaper_events(c, "REAPED", MOUNT_POINT=CALICO), what="REAPED")
+    assert [e["_SYSTEMD_UNIT"] for e in reaped] == [UNIT], reaped
+    assert "(decommission;" in reaped[0]["MESSAGE"], reaped
+    assert "node decommission" in c.journal("-u", UNIT)
+
+
+# --------------------------------------------------------------------------- 6
+
+FAULT_DROPIN = """[Service]
+# Test only: SIGUSR2 freezes the loop (README, "Fault switches").
+Environment=CALICO_MOUNT_REAPER_FAULTS=freeze-on-usr2
+WatchdogSec=2s
+RestartSec=100ms
+# The default WatchdogSignal=SIGABRT dumps core: not into the test's overlay.
+LimitCORE=0
+"""
+
+
+def test_frozen_loop_is_restarted_by_the_watchdog(boot: Boot) -> None:
+    c = booted(boot, grace=0.5, kubelet=False, **{
+        f"/etc/systemd/system/{UNIT}.d/50-fault.conf": FAULT_DROPIN,
+    })
+    first = _main_pid(c, UNIT)
+    c.run(["systemctl", "kill", "--kill-who=main", "--signal=SIGUSR2", UNIT])
+    c.wait_for(lambda: _main_pid(c, UNIT) not in (0, first) and active(c, UNIT) == "active",
+               timeout=20, what="a restarted daemon")
+    c.wait_for(lambda: len(reaper_events(c, "STARTED", _SYSTEMD_UNIT=UNIT)) == 2,
+               what="a second STARTED entry")
+    log = c.journal("-u", UNIT)
+    assert "fault switch freeze-on-usr2: freezing the loop" in log, log
+    assert re.search(r"Watchdog timeout \(limit 2s\)", log), log
+    assert "Failed with result 'watchdog'" in log, log
+    assert "restart counter is at 1" in log, log
+
+
+# --------------------------------------------------------------------------- 7
+
+STRICT_DROPIN = """[Service]
+# The guard: what the real unit must never do. A private mount namespace.
+ProtectSystem=strict
+"""
+
+
+def test_protect_system_strict_hides_the_unmount_from_pid1_and_the_real_unit_does_not(
+    boot: Boot,
+) -> None:
+    sandboxed = booted(boot, grace=0.2, kubelet=False, **{
+        f"/etc/systemd/system/{UNIT}.d/50-strict.conf": STRICT_DROPIN,
+    })
+    sandboxed.wait_for(lambda: reaper_events(sandboxed, "WRONG_NAMESPACE"),
+                       what="the daemon saying it is in the wrong mount namespace")
+    sandboxed.run(f"mkdir -p {CALICO} && mount -t cgroup2 none {CALICO}")
+    # The daemon sees the mount (propagated into its namespace) and "reaps" it there...
+    sandboxed.wait_for(lambda: reaper_events(sandboxed, "REAPED", MOUNT_POINT=CALICO),
+                       what="the sandboxed reap")
+    # ...yet PID 1's table keeps it, even after the sandbox's own final reap at shutdown:
+    assert len(mounts_at(sandboxed, CALICO)) == 1, sandboxed.mountinfo()
+    pid1_tracks(sandboxed, CALICO)
+    assert sandboxed.poweroff() == 0
+    # systemd, not the reaper, unmounted it: the line scenario 4 asserts is absent.
+    assert "Unmounting run-calico-cgroup.mount" in sandboxed.journal()
+    sandboxed.close()
+
+    real = booted(boot, grace=0.2, kubelet=False)
+    real.run(f"mkdir -p {CALICO} && mount -t cgroup2 none {CALICO}")
+    real.wait_for(lambda: not mounts_at(real, CALICO), what="the real unit's reap in PID 1")
+    assert not reaper_events(real, "WRONG_NAMESPACE")
+
+
+# --------------------------------------------------------------------------- 8
+
+def test_journal_has_message_ids_fields_and_catalog_text(boot: Boot, tmp_path: Path) -> None:
+    # Nothing installed but the package and a config: the operator's own commands do the rest.
+    c = boot(files={CONFIG_PATH: config(0.2)})
+    transcript = []
+
+    def operator(cmd: str) -> str:
+        out = c.run(cmd)
+        transcript.append(f"# {cmd}\n{out.stdout}{out.stderr}")
+        return out.stdout
+
+    operator("calico-mount-reaper install-units")  # also builds the catalog database
+    operator("systemctl daemon-reload && systemctl enable --now calico-mount-reaper")
+    c.run(f"mkdir -p {CALICO} && mount -t cgroup2 none {CALICO}")
+    c.wait_for(lambda: not mounts_at(c, CALICO), what="reap")
+    c.wait_for(lambda: reaper_events(c, "TARGET_GONE"), what="the last entry of the reap")
+
+    # Read inside the node, as an operator would.
+    inside = c.run(["journalctl", "-u", "calico-mount-reaper", "-o", "json", "--no-pager"])
+    docs = [json.loads(line) for line in inside.stdout.splitlines()]
+    by_id = {d.get("MESSAGE_ID"): d for d in docs}
+    for name in ("STARTED", "TARGET_APPEARED", "VERDICT", "REAPED", "TARGET_GONE"):
+        assert MESSAGE_IDS[name] in by_id, (name, sorted(by_id, key=str))
+    reaped = by_id[MESSAGE_IDS["REAPED"]]
+    assert int(reaped["MOUNT_ID"]) > 0, reaped
+    assert {k: reaped[k] for k in ("MOUNT_POINT", "FSTYPE", "TARGET", "RESULT",
+                                    "SYSLOG_IDENTIFIER", "_SYSTEMD_UNIT")} == {
+        "MOUNT_POINT": CALICO, "FSTYPE": "cgroup2", "TARGET": "calico", "RESULT": "reaped",
+        "SYSLOG_IDENTIFIER": "calico-mount-reaper", "_SYSTEMD_UNIT": UNIT}, reaped
+    assert reaped["REASON"].startswith("orphaned"), reaped
+
+    explained = operator("journalctl -x -u calico-mount-reaper --no-pager")
+    assert "Subject: Orphaned target unmounted: /run/calico/cgroup" in explained, explained
+    assert "Subject: calico-mount-reaper started" in explained, explained
+
+    # The one-shot command (no grace period) with the daemon out of the way.
+    c.run("systemctl stop calico-mount-reaper")
+    c.run(f"mkdir -p {CALICO} && mount -t cgroup2 none {CALICO}")
+    operator("calico-mount-reaper status")
+    operator("calico-mount-reaper reap")
+    assert not mounts_at(c, CALICO)
+    operator("journalctl -u calico-mount-reaper --no-pager -o short")
+    (tmp_path / "operator-transcript.txt").write_text("\n".join(transcript))
