@@ -155,6 +155,11 @@ def test_enable_now_reaches_active_with_ready(boot: Boot) -> None:
     assert re.search(r"^NoNewPrivs:\s+1$", status, re.M), status
     assert re.search(r"^Seccomp:\s+2$", status, re.M), status
 
+    # The exposure score the README reports; a lost hardening option shows here.
+    security = c.run(["systemd-analyze", "security", "--no-pager", UNIT]).stdout
+    score = float(re.findall(r"Overall exposure level for \S+: ([0-9.]+)", security)[0])
+    assert score <= 3.6, security
+
     c.run(["systemctl", "reload", UNIT])
     c.wait_for(lambda: "config reloaded" in c.journal("-u", UNIT), what="reload entry")
     # The preset agrees with the operator's enable.
@@ -267,6 +272,8 @@ def test_poweroff_with_the_owner_running_reaps_before_the_reaper_stops(boot: Boo
     assert [e["_SYSTEMD_UNIT"] for e in final] == [UNIT], final
     assert final[0]["MESSAGE"].startswith("reaped /run/calico/cgroup: 3 mount(s) gone (shutdown")
     # kubelet's drop-in ran first and respected the verdict: the owner was alive.
+    refused = reaper_events(c, "VERDICT", _SYSTEMD_UNIT="kubelet.service", RESULT="refused")
+    assert refused and refused[0]["REASON"].startswith("in use by calico-node"), refused
     stopping = reaper_events(c, "STOPPING")
     assert stopping and stopping[-1]["RESULT"] == "final-reap", stopping
 
