@@ -71,8 +71,11 @@ def rule_for(mount: Mount, rules: Iterable[Rule]) -> Rule | None:
 
     The deny-list is checked last, on the final path, so it wins over every rule.
     """
-    path = normalize_path(mount.mount_point)
+    path = None  # normalized only for a mount of a rule's type: most mounts are not
     for rule in rules:
-        if mount.fstype in rule.fstypes and is_within(path, rule.prefix):
-            return None if is_denied(path) else rule
+        if mount.fstype in rule.fstypes:
+            if path is None:
+                path = normalize_path(mount.mount_point)
+            if is_within(path, rule.prefix):
+                return None if is_denied(path) else rule
     return None
