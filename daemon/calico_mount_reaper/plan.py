@@ -173,9 +173,16 @@ def assess(site: Site, liveness: Liveness, mode: Mode) -> Assessment:
     return Assessment(site, verdict, reason, owners, reap)
 
 
-def plan(mounts: Sequence[Mount], liveness: Liveness, mode: Mode, config: Config) -> Plan:
-    """Verdicts on every site and the unmount actions this mode allows, in execution order."""
-    assessments = tuple(assess(site, liveness, mode) for site in find_sites(mounts, config.rules))
+def plan(mounts: Sequence[Mount], liveness: Liveness, mode: Mode, config: Config,
+         sites: Sequence[Site] | None = None) -> Plan:
+    """Verdicts on every site and the unmount actions this mode allows, in execution order.
+
+    ``sites`` is ``find_sites(mounts, config.rules)`` when the caller already has it: finding
+    them walks the whole table, and a pass that just read the table need not walk it twice.
+    """
+    if sites is None:
+        sites = find_sites(mounts, config.rules)
+    assessments = tuple(assess(site, liveness, mode) for site in sites)
     actions = tuple(
         Action(
             mount=m,

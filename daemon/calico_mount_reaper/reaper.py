@@ -107,7 +107,7 @@ def run_pass(
             break
         if liveness is None:
             liveness = observe_liveness(config.owner_names, config.kubelet_unit)
-        current = plan(table.mounts, liveness, mode, config)
+        current = plan(table.mounts, liveness, mode, config, table.sites)
         actions = [a for a in current.actions if only is None or a.site.mount_point in only]
         if round_ == 0:
             report.assessments = tuple(
