@@ -1,0 +1,438 @@
+"""The six scenarios of issue 6. Each runs inside its own private mount namespace (the caller
+forks it there) and returns result rows; nothing here may touch the host's mount table."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from measure import (
+    Samples,
+    alternate,
+    context_switches,
+    cpu_seconds,
+    fmt,
+    rss_mb,
+    slope_ratio,
+    thread_cpu_ns,
+    timed_ms,
+)
+from mounts import BASE, detach, grow_base, mount_target, mounts_at, stack
+from procs import DaemonProc, FindmntPoll, Watch, first, reaper_command, run_quiet
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass
+class Row:
+    scenario: str
+    measure: str
+    ours: str
+    peer: str = ""
+    peer_value: str = ""
+    ratio: float | None = None
+    goal: str = ""
+    met: bool | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Size:
+    """How big and how often: the full run and the CI smoke run differ only here."""
+
+    pass_sizes: tuple[int, ...] = (1000, 10000, 50000)
+    pass_repeats: int = 20
+    process_repeats: int = 10
+    base: int = 1000
+    latency_samples: int = 100
+    storm_pairs: int = 10000
+    exit_samples: int = 30
+    idle_seconds: float = 60.0
+    start_samples: int = 10
+    deep_stack: int = 1000
+    stack_repeats: int = 5
+
+
+QUICK = Size(pass_sizes=(100, 300, 600), pass_repeats=3, process_repeats=2, base=100,
+             latency_samples=3, storm_pairs=200, exit_samples=2, idle_seconds=2.0,
+             start_samples=2, deep_stack=40, stack_repeats=1)
+
+
+def umount(path: str) -> None:
+    if _libc.umount2(path.encode(), 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount {path}: {os.strerror(err)}")
+
+
+def ratio_row(scenario: str, measure: str, ours: Samples, peer_name: str, peer: Samples,
+              goal_ratio: float | None, goal: str, note: str = "") -> Row:
+    ratio = ours.median / peer.median
+    met = None if goal_ratio is None else ratio <= goal_ratio
+    return Row(scenario, measure, ours.summary(), peer_name, peer.summary(), ratio, goal, met,
+               note)
+
+
+# ---- 1. pass cost ------------------------------------------------------------------------------
+
+def bare_read() -> None:
+    fd = os.open("/proc/self/mountinfo", os.O_RDONLY)
+    try:
+        while os.read(fd, 1 << 20):
+            pass
+    finally:
+        os.close(fd)
+
+
+def pass_cost(size: Size) -> list[Row]:
+    from calico_mount_reaper.config import Config
+    from calico_mount_reaper.plan import Mode
+    from calico_mount_reaper.reaper import run_pass
+
+    config = Config()
+    for fstype, path in (("cgroup2", "/run/calico/cgroup"), ("bpf", "/run/calico/bpffs"),
+                         ("cgroup2", "/run/cilium/cgroupv2")):
+        mount_target(path, fstype)
+    rows: list[Row] = []
+    reaper = reaper_command()
+    in_process: list[float] = []
+    as_process: list[float] = []
+    built = 0
+    for n in size.pass_sizes:
+        grow_base(built, n)
+        built = n
+        label = f"{n // 1000}k mounts" if n >= 1000 else f"{n} mounts"
+        ours, floor = alternate(
+            lambda: timed_ms(lambda: run_pass(config, Mode.NORMAL, dry_run=True)),
+            lambda: timed_ms(bare_read), size.pass_repeats)
+        in_process.append(ours.median)
+        rows.append(ratio_row("1a pass cost", f"in-process status pass, {label}", ours,
+                              "bare read of /proc/self/mountinfo", floor, 1.3, "<= 1.3x"))
+        cpu_ours, cpu_peer = Samples("ms CPU"), Samples("ms CPU")
+        cli, listed = alternate(
+            lambda c=cpu_ours: run_quiet([*reaper, "status"], c),  # type: ignore[misc]
+            lambda c=cpu_peer: run_quiet(["findmnt", "-rn", "-t", "cgroup2"], c),  # type: ignore[misc]
+            size.process_repeats)
+        del cpu_ours.values[0], cpu_peer.values[0]  # the unrecorded warm-up round
+        as_process.append(cli.median)
+        goal = n == 10000 or n == size.pass_sizes[1]
+        rows.append(ratio_row("1b status process", f"`calico-mount-reaper status`, {label}", cli,
+                              "`findmnt -rn -t cgroup2`", listed, 1.0 if goal else None,
+                              "<= 1x at 10k" if goal else ""))
+        rows.append(ratio_row("1b status process", f"same, CPU time (user+sys), {label}",
+                              cpu_ours, "`findmnt -rn -t cgroup2`", cpu_peer, None, ""))
+        # The tree form (findmnt's default output) grows quadratically: one run is plenty.
+        tree_runs = 1 if n > 20000 else size.process_repeats
+        cli2, tree = alternate(lambda: run_quiet([*reaper, "status"]),
+                               lambda: run_quiet(["findmnt", "-t", "cgroup2"]), tree_runs,
+                               warmup=n <= 20000)
+        rows.append(ratio_row("1b status process", f"`calico-mount-reaper status`, {label}", cli2,
+                              "`findmnt -t cgroup2` (tree)", tree, None, ""))
+    sizes = size.pass_sizes
+    for what, times in (("in-process pass", in_process), ("status process", as_process)):
+        growth = slope_ratio(sizes, times)
+        per_mount = ", ".join(f"{(t2 - t1) / (n2 - n1) * 1000:.2f}"
+                              for n1, n2, t1, t2 in zip(sizes, sizes[1:], times, times[1:]))
+        rows.append(Row("1c growth", f"{what}: µs per added mount ({per_mount})",
+                        f"last/first slope {growth:.2f}", goal="linear (slope ratio <= 1.5)",
+                        met=growth <= 1.5))
+    rows.append(import_check(reaper))
+    return rows
+
+
+def import_check(reaper: list[str]) -> Row:
+    """What `status` imports when there is nothing to decide (no target mounted here)."""
+    for path in ("/run/calico/cgroup", "/run/calico/bpffs", "/run/cilium/cgroupv2"):
+        detach(path)
+    argv = [sys.executable, "-X", "importtime", *reaper[-1:], "status"]
+    if reaper[0] == sys.executable:
+        argv = [sys.executable, "-X", "importtime", "-m", "calico_mount_reaper", "status"]
+    err = subprocess.run(argv, capture_output=True, text=True, check=True).stderr
+    modules = {line.split("|")[2].strip(): int(line.split("|")[1]) for line in err.splitlines()
+               if line.startswith("import time:") and line.count("|") == 2
+               and not line.split("|")[1].strip().startswith("cumulative")}
+    heavy = sorted(m for m in modules if m.split(".")[0] in ("pystemd", "pyudev", "sdnotify"))
+    total = modules.get("calico_mount_reaper.cli", 0) / 1000
+    return Row("1b imports", "`status` with no target: heavy modules imported",
+               ", ".join(heavy) or "none", goal="no pystemd/pyudev", met=not heavy,
+               note=f"calico_mount_reaper.cli imports in {total:.1f} ms cumulative")
+
+
+# ---- daemon scenarios ----------------------------------------------------------------------------
+
+def _daemon(workdir: str, watch: Watch, config: str, **env: str) -> DaemonProc:
+    daemon = DaemonProc(workdir, config, watch, env)
+    daemon.start()
+    daemon.wait_notify("READY=1", timeout=30)
+    return daemon
+
+
+def detection_latency(size: Size) -> list[Row]:
+    grow_base(0, size.base)
+    os.makedirs("/run/calico", exist_ok=True)
+    workdir = tempfile.mkdtemp(dir="/run")
+    watch = Watch()
+    daemon = _daemon(workdir, watch, "grace_period = 3600\n")
+    findmnt = FindmntPoll(watch)
+    watch.sleep(0.5)
+    ours, peer = Samples("ms"), Samples("ms")
+    try:
+        for i in range(size.latency_samples):
+            path = f"/run/calico/lat{i}"
+            os.makedirs(path)
+            since_d, since_f = len(daemon.stderr.lines), len(findmnt.out.lines)  # type: ignore
+            mount_target(path)
+            mounted = time.monotonic()
+            appeared, listed = f"target {path} (cgroup2) appeared", f" {path}"
+
+            def both(appeared: str = appeared, listed: str = listed, since_d: int = since_d,
+                     since_f: int = since_f) -> tuple[float | None, float | None]:
+                return (first(daemon.stderr, appeared, since_d),  # type: ignore[arg-type]
+                        first(findmnt.out, listed, since_f))
+
+            watch.until(lambda both=both: None not in both(), 10, appeared)
+            seen_d, seen_f = both()
+            ours.add((seen_d - mounted) * 1000)  # type: ignore[operator]
+            peer.add((seen_f - mounted) * 1000)  # type: ignore[operator]
+            umount(path)
+            daemon.wait_log(f"target {path} (cgroup2) is gone", since_d)
+            # Past the re-read interval, so each mount is the first change after a quiet spell.
+            watch.sleep(0.3)
+    finally:
+        findmnt.stop()
+        daemon.stop()
+    rows = [ratio_row("2 detection latency", f"mount(2) -> daemon's \"appeared\" entry, p50, "
+                      f"{size.base} base mounts", Samples("ms", [ours.median]),
+                      "`findmnt --poll` prints it", Samples("ms", [peer.median]), 1.5,
+                      "p50 <= 1.5x findmnt")]
+    rows.append(Row("2 detection latency", "p99 / max", f"{fmt(ours.quantile(0.99))} / "
+                    f"{fmt(max(ours.values))} ms", "findmnt p99 / max",
+                    f"{fmt(peer.quantile(0.99))} / {fmt(max(peer.values))} ms",
+                    note=f"n={len(ours.values)}; min ours {fmt(min(ours.values))} ms"))
+    return rows
+
+
+STORM = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+pairs, base = int(sys.argv[1]), sys.argv[2]
+os.makedirs(base + "/storm", exist_ok=True); os.makedirs("/run/calico/storm", exist_ok=True)
+os.makedirs("/run/calico/final", exist_ok=True)
+src = (base + "/src").encode(); pod = (base + "/storm").encode()
+for i in range(pairs):
+    if i == pairs // 2:
+        assert libc.mount(b"none", b"/run/calico/final", b"cgroup2", 0, None) == 0
+    if i % 10 == 0:
+        target = b"/run/calico/storm"
+        ok = libc.mount(b"none", target, b"cgroup2", 0, None)
+    else:
+        target, ok = pod, libc.mount(src, pod, None, 4096, None)
+    assert ok == 0 and libc.umount2(target, 0) == 0, ctypes.get_errno()
+"""
+
+
+def storm(size: Size) -> list[Row]:
+    grow_base(0, size.base)
+    os.makedirs("/run/calico", exist_ok=True)
+    workdir = tempfile.mkdtemp(dir="/run")
+    metrics = os.path.join(workdir, "reaper.prom")
+    watch = Watch()
+    daemon = _daemon(workdir, watch, f'grace_period = 3600\nmetrics_path = "{metrics}"\n')
+    findmnt = FindmntPoll(watch)
+    watch.sleep(0.5)
+    cpu_d, cpu_f = cpu_seconds(daemon.pid), cpu_seconds(findmnt.pid)
+    since_d = len(daemon.stderr.lines)  # type: ignore[union-attr]
+    start = time.monotonic()
+    gen = subprocess.Popen([sys.executable, "-c", STORM, str(size.storm_pairs), BASE])
+    while gen.poll() is None:
+        watch.poll(0.1)
+    took = time.monotonic() - start
+    assert gen.returncode == 0, "storm generator failed"
+    daemon.wait_log("target /run/calico/final (cgroup2) appeared", since_d)
+    # findmnt is done when its output and CPU stop moving.
+    settled = (-1, -1.0)
+    while settled != (len(findmnt.out.lines), cpu_seconds(findmnt.pid)):
+        settled = (len(findmnt.out.lines), cpu_seconds(findmnt.pid))
+        watch.sleep(0.5)
+    used_d, used_f = cpu_seconds(daemon.pid) - cpu_d, cpu_seconds(findmnt.pid) - cpu_f
+    findmnt_lines = len(findmnt.out.lines)
+    findmnt.stop()
+    # The daemon's view of targets: what it said appeared, minus what it said is gone.
+    view: dict[str, int] = {}
+    for _, line in daemon.stderr.lines[since_d:]:  # type: ignore[union-attr]
+        if found := re.search(r"target (\S+) \(cgroup2\) (appeared|is gone)", line):
+            view[found[1]] = view.get(found[1], 0) + (1 if found[2] == "appeared" else -1)
+    seen = sorted(p for p, n in view.items() if n > 0)
+    with open(metrics) as f:
+        prom = f.read()
+    mounted = re.search(r"^calico_mount_reaper_targets_mounted\S* (\S+)", prom, re.M)
+    real = sorted(p for p in ("/run/calico/final", "/run/calico/storm") if mounts_at(p))
+    daemon.stop()
+    stopping = re.search(r"(\d+) table re-reads", daemon.log())
+    rereads = int(stopping[1]) if stopping else -1
+    ratio = used_d / used_f if used_f else float("inf")
+    events = 2 * size.storm_pairs
+    return [
+        Row("3 storm", f"CPU for {size.storm_pairs} mount+umount pairs over {size.base} mounts "
+            f"({events / took:.0f} events/s)", f"{used_d:.2f} s", "`findmnt --poll`",
+            f"{used_f:.2f} s", ratio, "<= 0.5x", ratio <= 0.5,
+            f"findmnt printed {findmnt_lines} lines"),
+        Row("3 storm", "final view matches the table",
+            f"daemon: {seen}, metrics targets_mounted={mounted[1] if mounted else '?'}",
+            "real table", str(real), goal="equal", met=seen == real and bool(mounted)
+            and float(mounted[1]) == len(real)),
+        Row("3 storm", "full table re-reads (whole run, from the STOPPING entry)", str(rereads),
+            note=f"storm lasted {took:.2f} s; re-reads are >= 0.2 s apart by design"),
+    ]
+
+
+def owner_exe(workdir: str, name: str = "calico-node") -> str:
+    """A copy of sleep under an owner's name: its comm and argv[0] are the owner's."""
+    exe = os.path.join(workdir, name)
+    shutil.copy("/bin/sleep", exe)
+    return exe
+
+
+def owner_exit(size: Size) -> list[Row]:
+    from calico_mount_reaper.sources.mountinfo import MountTableWatch
+
+    grow_base(0, size.base)
+    workdir = tempfile.mkdtemp(dir="/run")
+    exe = owner_exe(workdir)
+    watch = Watch()
+    daemon = _daemon(workdir, watch, "grace_period = 0\n")
+    path = "/run/calico/cgroup"
+    took = Samples("ms")
+    table = MountTableWatch()
+    try:
+        for _ in range(size.exit_samples):
+            owner = subprocess.Popen([exe, "600"])
+            try:
+                since = len(daemon.stderr.lines)  # type: ignore[union-attr]
+                mount_target(path)
+                daemon.wait_log(f"{path}: left alone, in use by calico-node (pid {owner.pid})",
+                                since)
+                table.read()
+                start = time.monotonic()
+            finally:
+                owner.kill()
+                owner.wait()
+            while mounts_at(path):
+                watch.selector.register(table, 1)
+                try:
+                    watch.selector.select(5)
+                finally:
+                    watch.selector.unregister(table)
+                table.read()
+            took.add((time.monotonic() - start) * 1000)
+            daemon.wait_log(f"reaped {path}", since)
+            # Until the daemon has re-read the table, an identical new mount (same ID, same
+            # place) would look like the one it just reaped: let it see the gap first.
+            daemon.wait_log(f"target {path} (cgroup2) is gone", since)
+    finally:
+        table.close()
+        daemon.stop()
+    return [Row("4 owner exit", f"last calico-node exits -> mount gone (grace 0), {size.base} "
+                "base mounts", took.summary(), goal="p50 < 20 ms", met=took.median < 20,
+                note=f"p99 {fmt(took.quantile(0.99))} ms")]
+
+
+def idle(size: Size) -> list[Row]:
+    grow_base(0, size.base)
+    workdir = tempfile.mkdtemp(dir="/run")
+    owner = subprocess.Popen([owner_exe(workdir), "3600"])
+    mount_target("/run/calico/cgroup")
+    watch = Watch()
+    # The packaged unit's WatchdogSec=30s: a ping every 15 s.
+    daemon = _daemon(workdir, watch, "", WATCHDOG_USEC="30000000")
+    try:
+        daemon.wait_log("left alone, in use by calico-node")
+        watch.sleep(1.0)
+        pings_before = sum(1 for _, m in daemon.notify.lines if "WATCHDOG=1" in m)
+        cpu0, (vol0, _) = thread_cpu_ns(daemon.pid), context_switches(daemon.pid)
+        rss = [rss_mb(daemon.pid)]
+        end = time.monotonic() + size.idle_seconds
+        while (left := end - time.monotonic()) > 0:
+            watch.sleep(min(left, 5.0))
+            rss.append(rss_mb(daemon.pid))
+        cpu1, (vol1, _) = thread_cpu_ns(daemon.pid), context_switches(daemon.pid)
+        pings = sum(1 for _, m in daemon.notify.lines if "WATCHDOG=1" in m) - pings_before
+    finally:
+        daemon.stop()
+        owner.kill()
+        owner.wait()
+    share = (cpu1 - cpu0) / 1e9 / size.idle_seconds * 100
+    wakes = vol1 - vol0
+    # The 60 s safety-net rescan rides on a watchdog wake; allow it one wake of its own.
+    allowed = pings + 1
+    return [
+        Row("5 idle", f"CPU over {size.idle_seconds:g} s (WatchdogSec=30s, one target in use)",
+            f"{share:.4f}% of a core ({(cpu1 - cpu0) / 1e6:.1f} ms)", goal="<= 0.05%",
+            met=share <= 0.05),
+        Row("5 idle", "wake-ups (voluntary context switches)", str(wakes),
+            "watchdog pings sent", str(pings), goal="<= pings + 1", met=wakes <= allowed),
+        Row("5 idle", "RSS", f"{min(rss):.1f} .. {max(rss):.1f} MB", goal="<= 30 MB, flat",
+            met=max(rss) <= 30 and max(rss) - min(rss) <= 1.0, note=f"{len(rss)} samples"),
+    ]
+
+
+def start_stop(size: Size) -> list[Row]:
+    grow_base(0, size.base)
+    mount_target("/run/calico/cgroup")
+    workdir = tempfile.mkdtemp(dir="/run")
+    watch = Watch()
+    ready = Samples("ms")
+    for _ in range(size.start_samples):
+        daemon = DaemonProc(workdir, "grace_period = 3600\n", watch)
+        daemon.start()
+        ready.add((daemon.wait_notify("READY=1", 30) - daemon.started_at) * 1000)
+        daemon.stop()
+    rows = [Row("6 start", f"exec -> READY=1, {size.base} base mounts, 1 target, no D-Bus",
+                ready.summary(), goal="< 300 ms", met=ready.median < 300)]
+    detach("/run/calico/cgroup")
+
+    stop = Samples("ms")
+    point = "/run/calico/cgroup"
+    for _ in range(size.start_samples):
+        daemon = _daemon(workdir, watch, 'grace_period = 3600\nreap_on_stop = "always"\n')
+        stack(point, 19)
+        daemon.wait_log(f"{point}: orphaned")
+        took, code = daemon.stop()
+        assert code == 0 and mounts_at(point) == 0, daemon.log()
+        stop.add(took * 1000)
+    rows.append(Row("6 stop", "SIGTERM -> exit, final reap of 10 cgroup2 targets stacked with "
+                    "tmpfs between (19 mounts)", stop.summary(), goal="< 100 ms",
+                    met=stop.median < 100))
+
+    ours, peer = Samples("ms"), Samples("ms")
+    reaper = reaper_command()
+    # k3s-killall.sh's do_unmount_and_remove, minus its `rm -rf`: never rm inside a cgroupfs.
+    killall = ("while read -r _ path _; do case \"$path\" in /run/calico*) echo \"$path\" ;; "
+               "esac; done < /proc/self/mounts | sort -r | xargs -r -n 1 sh -c 'umount -f \"$0\"'")
+    for i in range(2 * size.stack_repeats):
+        stack(point, size.deep_stack)
+        if i % 2 == 0:
+            ours.add(run_quiet([*reaper, "reap", "--force"]))
+        else:
+            peer.add(run_quiet(["sh", "-c", killall]))
+        assert mounts_at(point) == 0, f"stack left behind (round {i})"
+    rows.append(ratio_row("6 reap stack", f"{size.deep_stack} stacked mounts at one path, "
+                          "`reap --force`", ours, "k3s-killall umount loop", peer, None, "ratio",
+                          note="whole process each"))
+    return rows
+
+
+SCENARIOS = {
+    "pass": pass_cost,
+    "latency": detection_latency,
+    "storm": storm,
+    "owner-exit": owner_exit,
+    "idle": idle,
+    "start-stop": start_stop,
+}
