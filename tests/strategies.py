@@ -99,20 +99,16 @@ FSTYPES = ("cgroup2", "bpf", "tmpfs", "cgroup2", "bpf", "ext4", "proc", "sysfs",
 OWNER_NAMES = ("calico-node", "calico-felix", "cilium-agent", "kubelet", "bash")
 
 # Path text with every byte the kernel escapes (space, tab, newline, backslash), octal-looking
-# text that must survive unescaping, and non-ASCII.
-_SEGMENT_ALPHABET = st.sampled_from([*"abc-_.0127 \t\n\\é", "\\040", "\\134", "\udcff"])
-segments = st.lists(_SEGMENT_ALPHABET, min_size=1, max_size=6).map("".join).filter(
+# text that must survive unescaping, and non-ASCII. Drawn as one text (not a list of pieces)
+# because draws dominate the cost of an example and the deep profile runs 100k of them.
+segments = st.text("abc-_.0127 \t\n\\\u00e9\udcff", min_size=1, max_size=8).filter(
     lambda s: s not in (".", "..")
 )
-
-
-@st.composite
-def mount_paths(draw: st.DrawFn) -> str:
-    """A pool path, or a pool path with one random child component."""
-    base = draw(st.sampled_from(PATH_POOL))
-    if draw(st.booleans()):
-        return base
-    return posixpath.join(base, draw(segments))
+# A pool path, or a pool path with one random child component.
+mount_paths = st.one_of(
+    st.sampled_from(PATH_POOL),
+    st.tuples(st.sampled_from(PATH_POOL), segments).map(lambda p: posixpath.join(*p)),
+)
 
 
 def _kernel_parent(mounts: Sequence[Mount], path: str) -> Mount:
@@ -151,31 +147,40 @@ def kernel_tables(draw: st.DrawFn, max_mounts: int = 40) -> tuple[Mount, ...]:
     Mount IDs are unique but not ordered (the kernel reuses freed IDs), so only the line
     position (``index``) tells newer from older. Drawing one path twice stacks mounts.
     """
-    count = draw(st.integers(0, max_mounts))
-    ids = draw(st.lists(st.integers(2, 10_000), min_size=count + 1, max_size=count + 1,
-                        unique=True))
+    # (restack, pick, path, fstype) per mount: one draw for the whole table keeps it cheap.
+    specs = draw(
+        st.lists(
+            st.tuples(st.integers(0, 3), st.integers(0, 1 << 16), mount_paths,
+                      st.sampled_from(FSTYPES)),
+            max_size=max_mounts,
+        )
+    )
+    ids = draw(st.lists(st.integers(2, 10_000), min_size=len(specs) + 1,
+                        max_size=len(specs) + 1, unique=True))
     # The namespace root's parent lies outside the namespace, so it is not in the table.
-    mounts = [_mount(ids[0], 1, "/", draw(st.sampled_from(("ext4", "overlay"))), 0)]
-    for i in range(1, count + 1):
-        # Re-drawing recent paths makes stacks (cgroup2 / tmpfs / cgroup2 at one point) common.
-        if mounts[1:] and draw(st.integers(0, 3)) == 0:
-            point = draw(st.sampled_from([m.mount_point for m in mounts[1:]]))
-        else:
-            point = draw(mount_paths())
+    mounts = [_mount(ids[0], 1, "/", "ext4", 0)]
+    for i, (restack, pick, point, fstype) in enumerate(specs, start=1):
+        # Re-using an earlier path makes stacks (cgroup2 / tmpfs / cgroup2 at one point) common.
+        if restack == 0 and i > 1:
+            point = mounts[1 + pick % (i - 1)].mount_point
         parent = _kernel_parent(mounts, point)
-        mounts.append(_mount(ids[i], parent.mount_id, point, draw(st.sampled_from(FSTYPES)), i))
+        mounts.append(_mount(ids[i], parent.mount_id, point, fstype, i))
     return tuple(mounts)
 
 
 @st.composite
 def corrupt_tables(draw: st.DrawFn, max_mounts: int = 30) -> tuple[Mount, ...]:
     """Unique IDs, but parent links at random: loops, self-parents and dangling parents."""
-    count = draw(st.integers(1, max_mounts))
-    ids = draw(st.lists(st.integers(2, 200), min_size=count, max_size=count, unique=True))
-    parents = draw(st.lists(st.sampled_from([*ids, 1, 9999]), min_size=count, max_size=count))
-    order = draw(st.permutations(range(count)))
+    specs = draw(
+        st.lists(st.tuples(st.integers(0, 1 << 16), mount_paths, st.sampled_from(FSTYPES)),
+                 min_size=1, max_size=max_mounts)
+    )
+    ids = draw(st.lists(st.integers(2, 200), min_size=len(specs), max_size=len(specs),
+                        unique=True))
+    candidates = [*ids, 1, 9999]  # 1 and 9999: parents outside the table
+    order = draw(st.permutations(range(len(specs))))
     return tuple(
-        _mount(ids[k], parents[k], draw(mount_paths()), draw(st.sampled_from(FSTYPES)), i)
+        _mount(ids[k], candidates[specs[k][0] % len(candidates)], specs[k][1], specs[k][2], i)
         for i, k in enumerate(order)
     )
 

@@ -166,7 +166,7 @@ rule_lists = st.lists(
 ).map(lambda extra: [*BUILTIN_RULES, *extra])
 
 
-@given(mount_paths(), st.sampled_from(FSTYPES), rule_lists)
+@given(mount_paths, st.sampled_from(FSTYPES), rule_lists)
 def test_rule_for_never_returns_a_rule_for_a_denied_path_or_outside_its_prefix(
     path: str, fstype: str, rules: list[Rule]
 ) -> None:
