@@ -87,7 +87,7 @@ def parse_line(line: str, index: int = 0) -> Mount:
         sep = fields.index("-", 6)
     except ValueError:
         raise MalformedLine("no ' - ' separator after the optional fields") from None
-    if sep < 6 or len(fields) < sep + 4:
+    if len(fields) < sep + 4:
         raise MalformedLine(f"expected at least {sep + 4} fields, found {len(fields)}")
     if not (_is_number(fields[0]) and _is_number(fields[1])):
         raise MalformedLine("mount ID and parent ID must be integers")
