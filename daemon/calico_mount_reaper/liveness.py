@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 COMM_LEN = 15
 
 
+def _comm_of(name: str) -> str:
+    """What /proc/<pid>/comm shows, decoded like read_process does, for an executable ``name``."""
+    return name.encode()[:COMM_LEN].decode("utf-8", "replace")
+
+
 @dataclass(frozen=True)
 class Process:
     pid: int
@@ -25,7 +30,9 @@ class Process:
 
     def is_named(self, name: str) -> bool:
         # A long name only shows truncated in comm; matching the prefix errs towards "in use".
-        return self.argv0 == name or self.comm == name[:COMM_LEN]
+        # The kernel truncates bytes, not characters (maybe inside a UTF-8 sequence), and
+        # read_process decodes comm with "replace": truncate and decode the name the same way.
+        return self.argv0 == name or self.comm == _comm_of(name)
 
 
 @dataclass(frozen=True)
