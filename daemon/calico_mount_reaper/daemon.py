@@ -274,7 +274,7 @@ class Daemon:
         if st.liveness_stale:
             st.liveness_stale = False
             st.liveness = self._observe(now)
-        assessments = plan(st.mounts, st.liveness, self._mode(), self.config).assessments
+        assessments = plan(st.mounts, st.liveness, self._mode(), self.config, sites).assessments
         self._log_verdicts(assessments)
         decision = grace.decide(st.timers, assessments, now, self.config.grace_period,
                                 immediate=self._mode() is Mode.DECOMMISSION)
