@@ -73,7 +73,7 @@ def test_orphaned_mount_is_reaped_after_the_grace_period_not_before(daemon: Daem
     mounted_at = time.monotonic()
     daemon.wait_log("calico target /run/calico/cgroup (cgroup2) appeared")
     gone_at = daemon.wait_until(lambda: daemon.mounted(CGROUP) == 0, what="reap")
-    assert 1.0 <= gone_at - mounted_at <= 2.0, gone_at - mounted_at
+    assert 1.0 <= gone_at - mounted_at <= 2.5, gone_at - mounted_at
     daemon.wait_log("is gone")
     log = daemon.log()
     assert "reaping in 1 s" in log and "reaped /run/calico/cgroup" in log
@@ -98,7 +98,7 @@ def test_in_use_mount_is_left_alone_until_the_owner_exits(
     exited = time.monotonic()
     gone = daemon.wait_until(lambda: daemon.mounted(CGROUP) == 0, what="reap after owner exit")
     # Seen at once through the pidfd, then the grace period: not a periodic rescan later.
-    assert 1.0 <= gone - exited <= 2.0, gone - exited
+    assert 1.0 <= gone - exited <= 2.5, gone - exited
 
 
 def test_held_by_a_kubelet_process_without_a_bus(daemon: DaemonRun, tmp_path: Path) -> None:
@@ -243,7 +243,7 @@ def test_kubelet_stop_over_dbus_releases_the_hold(bus: Bus, bus_daemon: DaemonRu
     bus.tell("active kubelet.service inactive")
     stopped = time.monotonic()
     gone = bus_daemon.wait_until(lambda: bus_daemon.mounted(CGROUP) == 0, what="reap")
-    assert 1.0 <= gone - stopped <= 2.0, gone - stopped
+    assert 1.0 <= gone - stopped <= 2.5, gone - stopped
 
 
 def test_decommission_reaps_without_grace(bus: Bus, bus_daemon: DaemonRun) -> None:

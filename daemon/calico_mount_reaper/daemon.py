@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import selectors
 import signal
 import time
@@ -24,11 +25,12 @@ from typing import Any
 from calico_mount_reaper import config as config_mod
 from calico_mount_reaper import grace, journal, liveness, metrics
 from calico_mount_reaper.config import Config, ConfigError
-from calico_mount_reaper.mountinfo import Mount
+from calico_mount_reaper.mountinfo import ParseResult
 from calico_mount_reaper.notify import Notifier, watchdog_interval
-from calico_mount_reaper.plan import Assessment, Mode, find_sites, plan
+from calico_mount_reaper.plan import Assessment, Mode, plan
 from calico_mount_reaper.reaper import (
     MOUNTINFO,
+    Table,
     in_host_mount_namespace,
     journal_outcome,
     journal_report,
@@ -44,6 +46,8 @@ BUS_RETRY_FIRST, BUS_RETRY_MAX = 1.0, 60.0
 # After an OSError in a step: retry this much later, and repeat the same log line at most this
 # often, so a persistent fault neither spins the loop nor floods the journal.
 ERROR_RETRY, ERROR_REPEAT = 1.0, 60.0
+# How long a final reap at shutdown waits for PID 1 to notice the unmounts.
+PID1_CATCH_UP = 2.0
 # Test-only fault switches (README, "Fault switches"): never set on a real node.
 FAULTS_ENV = "CALICO_MOUNT_REAPER_FAULTS"
 
@@ -52,7 +56,7 @@ FAULTS_ENV = "CALICO_MOUNT_REAPER_FAULTS"
 class State:
     """What the loop knows between wakes. Plain data: every change goes through the Daemon."""
 
-    mounts: tuple[Mount, ...] = ()
+    table: Table = field(default_factory=lambda: Table((), (), ()))
     liveness: liveness.Liveness = field(default_factory=liveness.Liveness)
     timers: grace.GraceTimers = field(default_factory=grace.GraceTimers)
     reasons: dict[tuple[str, tuple[int, ...]], str] = field(default_factory=dict)
@@ -122,6 +126,13 @@ class Daemon:
 
         watch = SystemdWatch(self.config.kubelet_unit, self.bus_address)
         try:
+            # No socket, no point loading pystemd (tens of ms at start) to be told so.
+            if self.bus_address is None and not liveness.system_bus_present():
+                raise BusUnavailable(
+                    f"no D-Bus system bus socket at {watch.where}; start dbus (systemctl "
+                    "start dbus) or set DBUS_SYSTEM_BUS_ADDRESS. Until then kubelet is judged "
+                    "by its process"
+                )
             watch.connect()
             kubelet = watch.kubelet()
         except BusUnavailable as exc:
@@ -223,14 +234,26 @@ class Daemon:
         current = self.state.evaluate_at
         self.state.evaluate_at = when if current is None else min(current, when)
 
-    def _reread(self, now: float) -> None:
+    def _read(self) -> ParseResult:
+        """Every read of the table goes through the watch: reading re-arms it."""
         parsed = self.mount_watch.read()
-        self.coalescer = self.coalescer.reread(now)
+        self.coalescer = self.coalescer.reread(self.clock())
         self.state.rereads += 1
-        for warning in parsed.warnings:
-            self.log.warning("%s", warning)
-        appeared, gone = diff(self.state.mounts, parsed.mounts)
-        self.state.mounts = parsed.mounts
+        return parsed
+
+    def _reread(self, now: float) -> None:
+        self._apply(Table.of(self._read(), self.config), now)
+
+    def _apply(self, table: Table, now: float) -> None:
+        """Take a fresh table as the current view and journal the target mounts that changed."""
+        # A malformed line stays malformed on every re-read: say so once, not once per read.
+        # Its line number shifts as other mounts come and go, so it is not part of the key.
+        seen = {_without_line_number(w) for w in self.state.table.warnings}
+        for warning in table.warnings:
+            if _without_line_number(warning) not in seen:
+                self.log.warning("%s", warning)
+        appeared, gone = diff(self.state.table.mounts, table.mounts)
+        self.state.table = table
         for m, name, verb in [(m, "TARGET_APPEARED", "appeared") for m in appeared] + [
             (m, "TARGET_GONE", "is gone") for m in gone
         ]:
@@ -265,7 +288,7 @@ class Daemon:
         """Verdicts, grace timers and, when one is due, a reap."""
         st = self.state
         st.evaluate_at = None
-        sites = find_sites(st.mounts, self.config.rules)
+        sites = st.table.sites
         if not sites:
             st.timers, st.reasons = grace.GraceTimers(), {}
             self.owners.watch(())
@@ -274,7 +297,9 @@ class Daemon:
         if st.liveness_stale:
             st.liveness_stale = False
             st.liveness = self._observe(now)
-        assessments = plan(st.mounts, st.liveness, self._mode(), self.config, sites).assessments
+        assessments = plan(
+            st.table.mounts, st.liveness, self._mode(), self.config, sites
+        ).assessments
         self._log_verdicts(assessments)
         decision = grace.decide(st.timers, assessments, now, self.config.grace_period,
                                 immediate=self._mode() is Mode.DECOMMISSION)
@@ -305,18 +330,50 @@ class Daemon:
                         reason=a.reason, result=result)
         self.state.reasons = seen
 
-    def _reap(self, mode: Mode, only: set[str] | None, now: float) -> None:
+    def _reap(self, mode: Mode, only: set[str] | None, now: float) -> list[str]:
+        """Reap, journal and count; returns the mount points that are gone."""
         report = run_pass(
             self.config, mode, liveness=self.state.liveness, only=only,
             on_outcome=lambda outcome, action: journal_outcome(self.log, outcome, action),
-            mountinfo_path=self.mountinfo_path,
+            mountinfo_path=self.mountinfo_path, table=self.state.table, read=self._read,
         )
         tally = journal_report(self.log, report)
         counters = self.state.counters
         counters.reaps_total += tally.reaped
         counters.failures_total += tally.failed
         counters.refusals_total += tally.refused
-        self.coalescer = self.coalescer.changed(now)  # see our own unmounts in the table
+        # The pass ended with a fresh read: take it as our view at once, so a mount that
+        # reappears right after our unmount (same recycled ID, same place) is seen as new.
+        if report.table is not None:
+            self._apply(report.table, now)
+        return [a.site.mount_point for a in report.reaped]
+
+    def _wait_for_pid1(self, mount_points: list[str]) -> None:
+        """At shutdown, let PID 1 see our unmounts before our unit counts as stopped.
+
+        systemd re-reads the mount table at most a few times a second. If our stop completes
+        before it has noticed, PID 1 still thinks the path is mounted and runs its own umount
+        on it ("Unmounting run-calico-cgroup.mount"), which at best fails noisily. Bounded: a
+        PID 1 that does not catch up within PID1_CATCH_UP seconds is not waited for.
+        """
+        if self.bus is None or not mount_points:
+            return
+        from calico_mount_reaper.install import mount_unit
+        from calico_mount_reaper.sources.systemd import BusUnavailable
+
+        units = [mount_unit(p) for p in mount_points]
+        deadline = self.clock() + PID1_CATCH_UP
+        try:
+            while units and self.clock() < deadline:
+                units = [u for u in units if self.bus.unit_state(u).active]
+                if units:
+                    time.sleep(0.05)
+        except BusUnavailable as exc:
+            self.log.warning("cannot tell whether systemd saw the unmounts: %s", exc)
+            return
+        if units:
+            self.log.warning("systemd still lists %s as mounted after %g s", ", ".join(units),
+                             PID1_CATCH_UP)
 
     def _publish(self, now: float, assessments: Iterable[Assessment]) -> None:
         """STATUS= line and the metrics file."""
@@ -346,7 +403,8 @@ class Daemon:
             return
         self.config = new
         self.state.liveness_stale = True
-        self._schedule(self.clock())
+        # The rules may have changed, so the sites must be found again in a fresh read.
+        self.coalescer = self.coalescer.changed(self.clock())
         self.log.info("config reloaded from %s", new.source)
 
     # ---- the loop --------------------------------------------------------------------------
@@ -441,8 +499,9 @@ class Daemon:
             # A busy mount may need every retry; ask systemd for the time before using it.
             retries = sum(self.config.busy_backoff * 2**i for i in range(self.config.busy_retries))
             self.notifier.extend_timeout(5 + 2 * retries)
-            self._reread(now)
-            self._reap(Mode.SHUTDOWN, None, now)
+            self.state.table = Table.of(self._read(), self.config)  # plan from the kernel's view
+            reaped = self._reap(Mode.SHUTDOWN, None, now)
+            self._wait_for_pid1(reaped)
         self._publish(now, ())
         self._close()
         return 0
@@ -471,6 +530,10 @@ class Daemon:
 
     def _event(self, name: str, message: str, level: int = logging.INFO, **fields: Any) -> None:
         journal.event(self.log, name, message, level=level, stacklevel=2, **fields)
+
+
+def _without_line_number(warning: str) -> str:
+    return re.sub(r"^mountinfo line \d+ ", "", warning)
 
 
 def run(config_path: str | None, verbose: bool = False) -> int:

@@ -40,6 +40,13 @@ class PassReport:
     removed_dirs: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     liveness: Liveness | None = None
+    table: Table | None = None  # the last read: after the last unmount unless dry_run
+
+    @property
+    def reaped(self) -> tuple[Assessment, ...]:
+        """Sites this pass was allowed to reap that the final read no longer shows."""
+        still = {s.mount_point for s in self.remaining}
+        return tuple(a for a in self.assessments if a.reap and a.site.mount_point not in still)
 
     @property
     def unreaped(self) -> tuple[Site, ...]:
@@ -65,9 +72,13 @@ class Table:
     warnings: tuple[str, ...]
 
 
+    @classmethod
+    def of(cls, parsed: mountinfo.ParseResult, config: Config) -> Table:
+        return cls(parsed.mounts, tuple(find_sites(parsed.mounts, config.rules)), parsed.warnings)
+
+
 def read_table(config: Config, path: str = MOUNTINFO) -> Table:
-    parsed = mountinfo.read(path)
-    return Table(parsed.mounts, tuple(find_sites(parsed.mounts, config.rules)), parsed.warnings)
+    return Table.of(mountinfo.read(path), config)
 
 
 def _execute(action: Action, config: Config, dry_run: bool, path: str) -> Outcome:
@@ -93,13 +104,24 @@ def run_pass(
     on_outcome: Callable[[Outcome, Action], None] | None = None,
     only: Collection[str] | None = None,
     mountinfo_path: str = MOUNTINFO,
+    table: Table | None = None,
+    read: Callable[[], mountinfo.ParseResult] | None = None,
 ) -> PassReport:
     """Reap what ``mode`` allows, limited to the mount points in ``only`` if given.
 
-    ``liveness`` is observed lazily: only when a target exists.
+    ``liveness`` is observed lazily: only when a target exists. A caller that already holds a
+    recent ``table`` (the daemon) saves the first read: planning from a slightly old view is
+    safe, because every unmount is checked against the kernel's view of the exact mount first.
+    ``read`` replaces reading ``mountinfo_path`` (the daemon reads through its watch, which
+    re-arms it).
     """
+
+    def fresh() -> Table:
+        return Table.of(read() if read is not None else mountinfo.read(mountinfo_path), config)
+
     report = PassReport(mode, dry_run)
-    table = read_table(config, mountinfo_path)
+    if table is None:
+        table = fresh()
     report.warnings.extend(table.warnings)
     stale = False
     for round_ in range(MAX_ROUNDS):
@@ -123,10 +145,11 @@ def run_pass(
                 on_outcome(outcome, action)
         if dry_run or not progress:
             break
-        table, stale = read_table(config, mountinfo_path), False
+        table, stale = fresh(), False
     report.liveness = liveness
     if stale and not dry_run:
-        table = read_table(config, mountinfo_path)  # the truth, not what we hoped happened
+        table = fresh()  # the truth, not what we hoped happened
+    report.table = table
     report.remaining = table.sites
     if not dry_run and config.remove_mount_point:
         _remove_emptied_dirs(report)
@@ -134,9 +157,7 @@ def run_pass(
 
 
 def _remove_emptied_dirs(report: PassReport) -> None:
-    still = {s.mount_point for s in report.remaining}
-    gone = {a.site.mount_point for a in report.assessments if a.reap} - still
-    for point in sorted(gone, reverse=True):
+    for point in sorted({a.site.mount_point for a in report.reaped}, reverse=True):
         if remove_mount_point(point) is None:
             report.removed_dirs.append(point)
 
@@ -172,17 +193,13 @@ def journal_outcome(log: logging.Logger, outcome: Outcome, action: Action) -> No
 
 def journal_report(log: logging.Logger, report: PassReport) -> Tally:
     """A REAPED entry for every site that is gone, judged by the fresh read at the end."""
-    still = {s.mount_point for s in report.remaining}
-    reaped = 0
-    for a in report.assessments:
-        if a.reap and a.site.mount_point not in still:
-            reaped += 1
-            journal.event(
-                log, "REAPED", f"reaped {a.site.mount_point}: {len(a.site.members)} mount(s) "
-                f"gone ({report.mode.value}; {a.reason})", stacklevel=2,
-                mount_point=a.site.mount_point, mount_id=a.site.roots[0].mount_id,
-                fstype=a.site.roots[0].fstype, target=a.site.rule.name, reason=a.reason,
-                result="reaped",
-            )
+    for a in report.reaped:
+        journal.event(
+            log, "REAPED", f"reaped {a.site.mount_point}: {len(a.site.members)} mount(s) "
+            f"gone ({report.mode.value}; {a.reason})", stacklevel=2,
+            mount_point=a.site.mount_point, mount_id=a.site.roots[0].mount_id,
+            fstype=a.site.roots[0].fstype, target=a.site.rule.name, reason=a.reason,
+            result="reaped",
+        )
     refused = sum(1 for o in report.outcomes if o.result is Result.REFUSED)
-    return Tally(reaped, len(report.unreaped), refused)
+    return Tally(len(report.reaped), len(report.unreaped), refused)

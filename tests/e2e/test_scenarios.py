@@ -251,11 +251,8 @@ def test_poweroff_with_the_owner_running_reaps_before_the_reaper_stops(boot: Boo
     stack_calico(c)
     c.wait_for(lambda: reaper_events(c, "VERDICT", RESULT="refused"), what="refusal")
     pid1_tracks(c, CALICO)
-    # systemd 252 reads the mount table at most 5 times a second (a rate limit on its mountinfo
-    # event source). The three mounts just made would spend that budget, and PID 1 could then
-    # still believe in the mount when the reaper has long unmounted it, and try to unmount it
-    # again ("umount: no mount point specified"). On a node, Calico's mounts are long-standing.
-    time.sleep(1.2)
+    # No pause here: systemd 252 re-reads the mount table at most 5 times a second, and the
+    # daemon's final reap waits until PID 1 has seen its unmounts (daemon._wait_for_pid1).
     assert c.poweroff() == 0, c.console_log[-3000:]
 
     lines = c.journal("-o", "short-monotonic").splitlines()

@@ -309,14 +309,18 @@ class SystemdWatch:
 
     def kubelet(self) -> KubeletState:
         """kubelet's current state (a blocking call: call ``process()`` afterwards)."""
+        state = self.unit_state(self.kubelet_unit)
+        self._last = state
+        return state
+
+    def unit_state(self, unit: str) -> KubeletState:
+        """Any unit's state, in the same shape (a blocking call: call ``process()`` afterwards)."""
         from pystemd.dbusexc import DBusBaseError
 
         try:
-            state = query_kubelet(self._open_bus(), self.kubelet_unit)
+            return query_kubelet(self._open_bus(), unit)
         except DBusBaseError as e:
-            raise BusUnavailable(f"cannot ask systemd about {self.kubelet_unit}: {e}") from e
-        self._last = state
-        return state
+            raise BusUnavailable(f"cannot ask systemd about {unit}: {e}") from e
 
     def system_stopping(self) -> bool:
         """Whether the system is going down (blocking calls: call ``process()`` afterwards).
