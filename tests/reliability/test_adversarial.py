@@ -124,7 +124,7 @@ def _id_reuse(same_path: bool) -> dict[str, object]:
 def test_mount_id_reused_at_the_same_path_by_another_filesystem_is_refused() -> None:
     out = in_namespace(_id_reuse, True)
     record("adversarial", "mount ID reused at the same path (tmpfs gets the planned ID)",
-           attempts=1, wrong_unmounts=int(not out["newcomer_alive"]), detail=str(out["result"]))
+           attempts=1, wrong_unmounts=int(not out["newcomer_alive"]), detail=out["result"].value)  # type: ignore[attr-defined]
     assert out["reused"], "the kernel did not reuse the ID: the case tests nothing"
     assert out["result"] is Result.REFUSED, out
     assert out["newcomer_alive"]
@@ -133,7 +133,7 @@ def test_mount_id_reused_at_the_same_path_by_another_filesystem_is_refused() -> 
 def test_mount_id_reused_elsewhere_is_refused() -> None:
     out = in_namespace(_id_reuse, False)
     record("adversarial", "mount ID reused elsewhere (tmpfs at another path)",
-           attempts=1, wrong_unmounts=int(not out["newcomer_alive"]), detail=str(out["result"]))
+           attempts=1, wrong_unmounts=int(not out["newcomer_alive"]), detail=out["result"].value)  # type: ignore[attr-defined]
     assert out["reused"], "the kernel did not reuse the ID: the case tests nothing"
     assert out["result"] in (Result.REFUSED, Result.ALREADY_GONE), out
     assert out["newcomer_alive"]
@@ -168,7 +168,7 @@ def _bind_of_host_cgroup() -> dict[str, object]:
 
 def test_a_bind_of_the_host_cgroup2_hierarchy_goes_and_the_source_stays() -> None:
     out = in_namespace(_bind_of_host_cgroup)
-    record("adversarial", "bind of /sys/fs/cgroup onto /run/calico/cgroup", attempts=1,
+    record("adversarial", "bind of the host cgroup2 hierarchy onto /run/calico/cgroup", attempts=1,
            wrong_unmounts=int(not out["host_alive"]), detail="bind reaped, source intact")
     assert out["host_alive"]
     assert out["bind_left"] == 0
