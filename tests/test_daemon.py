@@ -300,7 +300,6 @@ def _garbage_lines_in_the_table() -> tuple[str, int]:
     import logging
 
     import node
-
     from calico_mount_reaper import journal, mountinfo
     from calico_mount_reaper.config import Config
     from calico_mount_reaper.daemon import Daemon

@@ -332,7 +332,9 @@ def test_c_actions_only_for_reaped_assessments_and_modes_honoured(
         owners_alive = any(live.owners.get(name) for name in a.site.rule.owners)
         expected = (
             Verdict.IN_USE if owners_alive
-            else Verdict.HELD if live.kubelet.active
+            # An unknown kubelet state (None) holds, like an active one: not knowing is not
+            # "inactive".
+            else Verdict.HELD if live.kubelet.active is not False
             else Verdict.ORPHANED
         )
         assert a.verdict is expected

@@ -156,12 +156,12 @@ def assess(site: Site, liveness: Liveness, mode: Mode) -> Assessment:
         verdict, reason = Verdict.IN_USE, f"in use by {shown}"
     elif kubelet.active:
         verdict, reason = Verdict.HELD, f"held: kubelet is active ({kubelet.detail})"
+    elif kubelet.active is None:
+        # Not knowing is not "inactive": Calico may be about to come back.
+        verdict, reason = Verdict.HELD, "held: kubelet's state is unknown"
     else:
         verdict, reason = Verdict.ORPHANED, f"orphaned: no {'/'.join(site.rule.owners)} running"
-        if kubelet.active is None:
-            reason += "; kubelet state unknown"
-        else:
-            reason += f" and kubelet is not active ({kubelet.detail or kubelet.source})"
+        reason += f" and kubelet is not active ({kubelet.detail or kubelet.source})"
     reap = {
         Mode.NORMAL: verdict is Verdict.ORPHANED,
         Mode.DECOMMISSION: verdict is not Verdict.IN_USE,
