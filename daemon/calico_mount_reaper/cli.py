@@ -168,16 +168,24 @@ def _warn_namespace(err: TextIO) -> None:
         )
 
 
-def cmd_status(args: argparse.Namespace, config: Config) -> int:
-    report = run_pass(config, Mode.NORMAL, dry_run=True)
-    if args.json:
-        json.dump(report_json(report, "status", EXIT_OK), sys.stdout, indent=2)
+def _emit(report: PassReport, command: str, code: int, as_json: bool) -> None:
+    """The report as JSON on stdout, or the table (plus what was done) for a person."""
+    if as_json:
+        json.dump(report_json(report, command, code), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         _warn_namespace(sys.stderr)
         _print_table(report, sys.stdout)
+        if command == "reap":
+            _print_outcomes(report, sys.stdout)
+            if not report.dry_run:
+                _next_steps(report, sys.stderr)
     for w in report.warnings:
         sys.stderr.write(f"warning: {w}\n")
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    _emit(run_pass(config, Mode.NORMAL, dry_run=True), "status", EXIT_OK, args.json)
     return EXIT_OK
 
 
@@ -201,17 +209,7 @@ def cmd_reap(args: argparse.Namespace, config: Config) -> int:
     # Refusals (in use, held) are decisions, not failures: only an allowed reap that left
     # something mounted is exit 1.
     code = EXIT_REMAIN if report.unreaped and not args.dry_run else EXIT_OK
-    if args.json:
-        json.dump(report_json(report, "reap", code), sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        _warn_namespace(sys.stderr)
-        _print_table(report, sys.stdout)
-        _print_outcomes(report, sys.stdout)
-        if not args.dry_run:
-            _next_steps(report, sys.stderr)
-    for w in report.warnings:
-        sys.stderr.write(f"warning: {w}\n")
+    _emit(report, "reap", code, args.json)
     return code
 
 
