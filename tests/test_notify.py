@@ -147,3 +147,14 @@ def test_watchdog_interval(environ: dict[str, str], expected: float | None) -> N
 def test_watchdog_interval_defaults_to_our_own_pid() -> None:
     environ = {"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid())}
     assert watchdog_interval(environ) == 0.5
+
+
+def test_a_manager_that_stops_reading_never_blocks_the_daemon(
+    notify_socket: socket.socket, notify_log: ListHandler
+) -> None:
+    # The test's socket is never read: its queue fills, and a blocking sendto would hang here.
+    notifier = Notifier()
+    for _ in range(5000):
+        notifier.watchdog_ping()
+    warnings = [r.getMessage() for r in notify_log.records]
+    assert warnings and "Resource temporarily unavailable" in warnings[0], warnings

@@ -83,6 +83,9 @@ class Notifier:
         try:
             if self._notifier is None:
                 self._notifier = SystemdNotifier(debug=True)
+                # A service manager that does not read its socket must not freeze our loop:
+                # a full queue makes sendto fail with EAGAIN (logged, dropped) instead.
+                self._notifier.socket.setblocking(False)
             self._notifier.notify("\n".join(lines))
         except OSError as exc:
             self._drop()
