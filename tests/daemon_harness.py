@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,11 @@ from nsutil import NamespaceShell
 
 class DaemonRun:
     def __init__(self, tmp: Path, config: str = "grace_period = 1\n",
-                 env: dict[str, str] | None = None, net: bool = True) -> None:
+                 env: dict[str, str] | None = None, net: bool = True,
+                 wrapper: Sequence[str] = ()) -> None:
+        """``wrapper`` (``setpriv ...``, a seccomp launcher) puts the daemon under a fault."""
         self.tmp = tmp
+        self.wrapper = list(wrapper)
         self.config_path = tmp / "config.toml"
         self.config_path.write_text(config)
         self.log_path = tmp / "daemon.log"
@@ -47,7 +50,7 @@ class DaemonRun:
         env.update(self.env)
         with open(self.log_path, "ab") as log:
             self.proc = self.shell.popen(
-                [sys.executable, "-m", "calico_mount_reaper", "run", "--config",
+                [*self.wrapper, sys.executable, "-m", "calico_mount_reaper", "run", "--config",
                  str(self.config_path), *extra],
                 stdout=log, stderr=log, env=env,
             )
@@ -109,6 +112,15 @@ class DaemonRun:
         from calico_mount_reaper.mountinfo import parse
 
         return sum(1 for m in parse(self.shell.mountinfo()).mounts if m.mount_point == path)
+
+    def rss_kb(self) -> int:
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+    def fd_count(self) -> int:
+        assert self.proc is not None
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None

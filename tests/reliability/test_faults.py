@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from daemon_harness import DaemonRun
 from figures import record
-from harness import NO_NETLINK, WrappedDaemon
+from harness import NO_NETLINK
 
 ROW = "faults"
 # A rule of our own, with an owner name nothing else on the machine uses: other test runs on the
@@ -34,8 +35,8 @@ def conf(extra: str = "grace_period = 0.2\n") -> str:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[WrappedDaemon]:
-    with WrappedDaemon(tmp_path, config=conf()) as run:
+def daemon(tmp_path: Path) -> Iterator[DaemonRun]:
+    with DaemonRun(tmp_path, config=conf()) as run:
         yield run
 
 
@@ -50,7 +51,7 @@ def _exe(tmp_path: Path, name: str) -> str:
 
 def test_sigkill_mid_reap_then_restart_converges(tmp_path: Path) -> None:
     config = conf("grace_period = 0.2\nbusy_retries = 8\nbusy_backoff = 0.2\n")
-    with WrappedDaemon(tmp_path, config=config) as d:
+    with DaemonRun(tmp_path, config=config) as d:
         d.mount("cgroup2", CGROUP)
         # A holder inside the bottom layer keeps it busy: the pass unmounts the two layers on
         # top and then sits in its EBUSY backoff, the middle of a reap.
@@ -89,7 +90,7 @@ def test_bus_outage_with_a_kubelet_stop_during_it_is_not_missed(tmp_path: Path) 
     bus.tell("unitfile kubelet.service enabled")
     bus.tell("active kubelet.service active")
     try:
-        with WrappedDaemon(tmp_path, config=conf(),
+        with DaemonRun(tmp_path, config=conf(),
                            env={"DBUS_SYSTEM_BUS_ADDRESS": bus.address}) as d:
             # A kubelet process keeps the target held while the bus is away (degraded mode
             # judges kubelet by its process); only the bus can tell that the unit stopped.
@@ -127,7 +128,7 @@ def test_bus_outage_with_a_kubelet_stop_during_it_is_not_missed(tmp_path: Path) 
 
 
 def test_no_netlink_degrades_and_still_reaps(tmp_path: Path) -> None:
-    with WrappedDaemon(tmp_path, wrapper=NO_NETLINK, config=conf()) as d:
+    with DaemonRun(tmp_path, wrapper=NO_NETLINK, config=conf()) as d:
         d.start()
         d.wait_notify("READY=1")
         d.wait_log("no interface events")
@@ -139,7 +140,7 @@ def test_no_netlink_degrades_and_still_reaps(tmp_path: Path) -> None:
            observed="degraded entry logged; target reaped; clean exit")
 
 
-def test_no_journal_socket_logs_to_stderr_and_still_reaps(daemon: WrappedDaemon) -> None:
+def test_no_journal_socket_logs_to_stderr_and_still_reaps(daemon: DaemonRun) -> None:
     # The namespace has a fresh tmpfs on /run: no /run/systemd/journal/socket at all.
     assert daemon.sh("test -e /run/systemd/journal/socket || echo absent").strip() == "absent"
     daemon.start()
@@ -152,7 +153,7 @@ def test_no_journal_socket_logs_to_stderr_and_still_reaps(daemon: WrappedDaemon)
            observed="reap entry on stderr; daemon unaffected")
 
 
-def test_no_proc_1_access(daemon: WrappedDaemon) -> None:
+def test_no_proc_1_access(daemon: DaemonRun) -> None:
     daemon.sh("mount -t tmpfs -o ro none /proc/1")  # /proc/1/ns/mnt is gone in here
     daemon.start()
     daemon.wait_notify("READY=1")
@@ -177,7 +178,7 @@ def test_ebusy_forever_bounded_retries_then_detach_or_refusal(tmp_path: Path,
         'owners = ["nobody-owns-this"]\ndetach_on_busy = false\n')
     point = CGROUP if detach else "/run/held/cgroup"
     config = conf(f"grace_period = 0.2\nbusy_retries = 3\nbusy_backoff = 0.05\n{rule}")
-    with WrappedDaemon(tmp_path, config=config) as d:
+    with DaemonRun(tmp_path, config=config) as d:
         d.mount("cgroup2", point)
         holder = d.shell.popen(
             ["sh", "-c", f"cd {point} && exec {_exe(tmp_path, 'stubborn')} 600"])
@@ -208,7 +209,7 @@ def test_ebusy_forever_bounded_retries_then_detach_or_refusal(tmp_path: Path,
 # ---- read-only /run ----------------------------------------------------------------------------
 
 
-def test_read_only_run(daemon: WrappedDaemon) -> None:
+def test_read_only_run(daemon: DaemonRun) -> None:
     daemon.mount("cgroup2", CGROUP)
     daemon.sh("mount -o remount,ro /run")
     daemon.start()
@@ -242,7 +243,7 @@ def _bad_config(tmp_path: Path, kind: str) -> Path:
 @pytest.mark.parametrize("kind", ["invalid", "world-writable", "not root-owned", "symlink"])
 def test_untrusted_or_invalid_config_is_refused_with_exit_78(tmp_path: Path, kind: str) -> None:
     path = _bad_config(tmp_path, kind)
-    with WrappedDaemon(tmp_path) as d:
+    with DaemonRun(tmp_path) as d:
         d.mount("cgroup2", CGROUP)
         d.start("--config", str(path))  # the later --config wins
         assert d.proc is not None
@@ -270,7 +271,7 @@ for i in range(int(sys.argv[1])):
 
 
 def test_a_huge_mount_table(tmp_path: Path) -> None:
-    with WrappedDaemon(tmp_path, config=conf("grace_period = 0\n")) as d:
+    with DaemonRun(tmp_path, config=conf("grace_period = 0\n")) as d:
         with open("/proc/sys/fs/mount-max") as f:
             room = int(f.read()) - len(d.shell.mountinfo().splitlines()) - 16
         n = min(BIG, room)

@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from daemon_harness import DaemonRun
 from figures import record
-from harness import WrappedDaemon
 
 SECONDS = float(os.environ.get("RELIABILITY_SOAK_SECONDS", "60"))
 CGROUP = "/run/soak/cgroup"
@@ -37,7 +37,7 @@ for p in paths:
 """
 
 
-def _mount_target(d: WrappedDaemon) -> None:
+def _mount_target(d: DaemonRun) -> None:
     # The daemon removes the emptied directory after a reap, possibly between our mkdir and
     # mount: make both again until the mount lands.
     d.sh(f"for i in 1 2 3 4 5 6 7 8; do mkdir -p {CGROUP} && "
@@ -47,7 +47,7 @@ def _mount_target(d: WrappedDaemon) -> None:
 def test_soak(tmp_path: Path) -> None:
     owner_exe = tmp_path / "soak-owner"
     shutil.copy("/bin/sleep", owner_exe)
-    with WrappedDaemon(tmp_path, config=CONFIG) as d:
+    with DaemonRun(tmp_path, config=CONFIG) as d:
         d.start()
         d.wait_notify("READY=1")
         rounds = reaps = missed = held_ok = 0
