@@ -309,7 +309,7 @@ def _garbage_lines_in_the_table() -> tuple[str, int]:
     class GarbledWatch(MountTableWatch):
         """Stands in for a kernel that writes malformed lines (a real one never does)."""
 
-        def read(self) -> mountinfo.ParseResult:
+        def read(self, needles: object = None) -> mountinfo.ParseResult:
             real = super().read()
             text = "\n".join(node.lines()) + "\nnot a mountinfo line\n42 x\n\x00\xff - -\n"
             garbled = mountinfo.parse(text)

@@ -143,8 +143,8 @@ def test_malformed_lines_are_skipped_with_a_warning() -> None:
     text = "\n".join([ROOT_LINE, "garbage \udcff\x00", CALICO_LINE, "3_6 1 0:1 / /y rw - x y z"])
     result = parse(text + "\n")
     assert [m.mount_id for m in result.mounts] == [22, 1201]
-    # Indexes count parsed mounts, so "newer" stays meaningful after a skipped line.
-    assert [m.index for m in result.mounts] == [0, 1]
+    # Indexes are line numbers: "newer" stays meaningful across a skipped line.
+    assert [m.index for m in result.mounts] == [0, 2]
     assert len(result.warnings) == 2
     assert "line 2" in result.warnings[0] and "separator" in result.warnings[0]
     assert "line 4" in result.warnings[1] and "integer" in result.warnings[1]

@@ -16,12 +16,12 @@ from pathlib import PurePosixPath
 import pytest
 from calico_mount_reaper.config import Config
 from calico_mount_reaper.liveness import KubeletState, Liveness
-from calico_mount_reaper.mountinfo import Mount
+from calico_mount_reaper.mountinfo import Mount, parse, parse_under
 from calico_mount_reaper.plan import Mode, Plan, Verdict, find_sites, plan
-from calico_mount_reaper.targets import BUILTIN_RULES, Rule
+from calico_mount_reaper.targets import BUILTIN_RULES, Rule, search_needles
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import configs, corrupt_tables, kernel_tables, livenesses, modes
+from strategies import configs, corrupt_tables, kernel_tables, livenesses, modes, render
 
 CALICO, CILIUM = BUILTIN_RULES
 KUBELET_ACTIVE = KubeletState(active=True, source="dbus", detail="kubelet.service is active")
@@ -360,3 +360,18 @@ def test_d_plan_is_deterministic(
     again = plan(tuple(replace(m) for m in mounts), live, mode, config)
     assert first == again
     assert action_ids(first) == action_ids(again)
+
+
+@given(kernel_tables(), configs(), st.lists(st.sampled_from(["garbage", "1 2 x"]), max_size=3))
+def test_sites_from_the_prefiltered_parse_equal_sites_from_the_full_parse(
+    mounts: tuple[Mount, ...], config: Config, junk: list[str]
+) -> None:
+    """The fast read (only lines holding a rule's prefix are parsed) loses nothing a site needs.
+
+    Sites, members, order and indexes must be identical to planning over every line.
+    """
+    text = render(mounts) + "".join(line + "\n" for line in junk)
+    full = parse(text)
+    fast = parse_under(text, search_needles(config.rules))
+    assert find_sites(fast.mounts, config.rules) == find_sites(full.mounts, config.rules)
+    assert set(fast.mounts) <= set(full.mounts)

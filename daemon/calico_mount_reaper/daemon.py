@@ -38,7 +38,7 @@ from calico_mount_reaper.reaper import (
 )
 from calico_mount_reaper.sources.mountinfo import Coalescer, MountTableWatch, diff
 from calico_mount_reaper.sources.processes import OwnerExits
-from calico_mount_reaper.targets import rule_for
+from calico_mount_reaper.targets import rule_for, search_needles
 
 # Re-reads of the mount table are at least this far apart, however many events arrive.
 REREAD_INTERVAL = 0.2
@@ -236,7 +236,7 @@ class Daemon:
 
     def _read(self) -> ParseResult:
         """Every read of the table goes through the watch: reading re-arms it."""
-        parsed = self.mount_watch.read()
+        parsed = self.mount_watch.read(search_needles(self.config.rules))
         self.coalescer = self.coalescer.reread(self.clock())
         self.state.rereads += 1
         return parsed

@@ -17,6 +17,7 @@ from calico_mount_reaper import journal, mountinfo
 from calico_mount_reaper.config import Config
 from calico_mount_reaper.liveness import Liveness, observe
 from calico_mount_reaper.plan import Action, Assessment, Mode, Site, find_sites, plan
+from calico_mount_reaper.targets import search_needles
 from calico_mount_reaper.unmount import (
     BusyPolicy,
     Outcome,
@@ -65,7 +66,11 @@ def in_host_mount_namespace() -> bool | None:
 
 @dataclass(frozen=True)
 class Table:
-    """One read of the mount table and the target sites found in it."""
+    """One read of the mount table and the target sites found in it.
+
+    ``mounts`` holds at least every target and every mount stacked on or inside one (all a
+    site can be made of); reads through `read_table` skip the rest of the table unparsed.
+    """
 
     mounts: tuple[mountinfo.Mount, ...]
     sites: tuple[Site, ...]
@@ -78,7 +83,8 @@ class Table:
 
 
 def read_table(config: Config, path: str = MOUNTINFO) -> Table:
-    return Table.of(mountinfo.read(path), config)
+    """The table as far as the targets go: only lines that can belong to a site are parsed."""
+    return Table.of(mountinfo.read(path, search_needles(config.rules)), config)
 
 
 def _execute(action: Action, config: Config, dry_run: bool, path: str) -> Outcome:
@@ -117,7 +123,7 @@ def run_pass(
     """
 
     def fresh() -> Table:
-        return Table.of(read() if read is not None else mountinfo.read(mountinfo_path), config)
+        return Table.of(read(), config) if read is not None else read_table(config, mountinfo_path)
 
     report = PassReport(mode, dry_run)
     if table is None:

@@ -14,7 +14,7 @@ import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from calico_mount_reaper.mountinfo import Mount
+from calico_mount_reaper.mountinfo import Mount, escape
 
 # Paths that must never be unmounted, whatever a rule says.
 DENIED_EXACT = frozenset({"/", "/run", "/var/run"})
@@ -64,6 +64,22 @@ def is_denied(path: str) -> bool:
     """True if ``path`` is on the hard deny-list (already normalized or not)."""
     norm = normalize_path(path)
     return norm in DENIED_EXACT or any(is_within(norm, tree) for tree in DENIED_TREES)
+
+
+def search_needles(rules: Iterable[Rule]) -> frozenset[str]:
+    """Text that every mountinfo line of a target, or of a mount inside one, must contain.
+
+    A target's mount point lies at or below a rule's prefix, and so does every mount stacked
+    on or nested in it. In mountinfo the mount point is the fifth field, escaped, after a
+    space; under ``/var/run`` when that is a real directory rather than the usual symlink.
+    Lines without any of these strings can be skipped unparsed (`mountinfo.parse_under`).
+    """
+    needles = set()
+    for rule in rules:
+        needles.add(" " + escape(rule.prefix))
+        if is_within(rule.prefix, "/run"):
+            needles.add(" " + escape("/var" + rule.prefix))
+    return frozenset(needles)
 
 
 def rule_for(mount: Mount, rules: Iterable[Rule]) -> Rule | None:

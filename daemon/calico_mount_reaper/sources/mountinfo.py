@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import os
 import select
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from calico_mount_reaper.mountinfo import Mount, ParseResult, parse
+from calico_mount_reaper.mountinfo import Mount, ParseResult, decode, read_all
 
 # What the kernel raises on a mountinfo file when the table changed (proc(5), /proc/pid/mounts).
 CHANGE_EVENTS = select.EPOLLPRI | select.EPOLLERR
@@ -61,20 +61,15 @@ class MountTableWatch:
             self._epoll.unregister(self._fd)
             self._armed = False
 
-    def read(self) -> ParseResult:
-        """Re-arm, then read and parse the whole table from the open file."""
+    def read(self, needles: Iterable[str] | None = None) -> ParseResult:
+        """Re-arm, then read the whole table from the open file and parse it (all lines, or
+        only those holding one of ``needles``: see `mountinfo.decode`)."""
         self._arm()
         # Consume a change flagged before this read: the read below already covers it, and
         # leaving it pending would cost one more wake and one more identical re-read.
         self._epoll.poll(0)
         os.lseek(self._fd, 0, os.SEEK_SET)
-        chunks: list[bytes] = []
-        while True:
-            chunk = os.read(self._fd, 1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return parse(b"".join(chunks).decode("utf-8", "surrogateescape"))
+        return decode(read_all(self._fd), needles)
 
     def close(self) -> None:
         self._epoll.close()
