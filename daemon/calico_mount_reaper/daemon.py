@@ -430,11 +430,14 @@ class Daemon:
             self._evaluate(now)
 
     def _timeout(self, now: float) -> float | None:
-        deadlines = [d for d in (self.next_ping, self.bus_retry_at, self.coalescer.due,
-                                 self.state.evaluate_at) if d is not None]
-        # Ride the safety-net rescan on a watchdog wake when one comes first or soon after.
-        if self.next_ping is None or self.next_rescan < self.next_ping:
-            deadlines.append(self.next_rescan)
+        deadlines = [d for d in (self.next_ping, self.coalescer.due, self.state.evaluate_at)
+                     if d is not None]
+        # The safety-net rescan and the bus retry ride on the next watchdog wake when one comes
+        # first: being a few seconds late costs nothing, and an idle daemon wakes for no one else.
+        deadlines += [
+            d for d in (self.next_rescan, self.bus_retry_at)
+            if d is not None and (self.next_ping is None or d < self.next_ping)
+        ]
         return max(0.0, min(deadlines) - now) if deadlines else None
 
     def _install_signals(self) -> None:
@@ -450,12 +453,14 @@ class Daemon:
                         "Protect*= options", logging.ERROR, result="wrong-namespace")
         now = self.clock()
         self._connect_bus(now)
-        self._open_udev()
         self._reread(now)
         self._evaluate(now)
         self.notifier.ready()
         self._event("STARTED", f"watching {len(self.config.rules)} target rules from "
                     f"{self.config.source}", result="ready")
+        # Interface events are only hints to look again, so they need not delay READY; opening
+        # them costs tens of ms (pyudev looks for libudev with ldconfig).
+        self._open_udev()
         while not self.state.stop_requested:
             now = self.clock()
             for key, _ in self.selector.select(self._timeout(now)):
