@@ -294,15 +294,22 @@ class Daemon:
             self.owners.watch(())
             self._publish(now, ())
             return
-        if st.liveness_stale:
+        scanned = st.liveness_stale
+        if scanned:
             st.liveness_stale = False
             st.liveness = self._observe(now)
         assessments = plan(
             st.table.mounts, st.liveness, self._mode(), self.config, sites
         ).assessments
-        self._log_verdicts(assessments)
         decision = grace.decide(st.timers, assessments, now, self.config.grace_period,
                                 immediate=self._mode() is Mode.DECOMMISSION)
+        if decision.due and not scanned:
+            # An owner may have started since the last scan (a start sends no event): decide
+            # an unmount on a fresh look at the processes, never on an old one.
+            st.liveness_stale = True
+            self._evaluate(now)
+            return
+        self._log_verdicts(assessments)
         st.timers = decision.timers
         if decision.next_deadline is not None:
             self._schedule(decision.next_deadline)
@@ -419,9 +426,11 @@ class Daemon:
         if self.bus_retry_at is not None and now >= self.bus_retry_at:
             self._connect_bus(now)
         if now >= self.next_rescan:
-            # Safety net for anything no event told us about (another namespace's owners...).
+            # Safety net for a change no event told us about. Owner exits come through pidfds,
+            # and every reap rescans the processes first, so /proc needs a periodic scan only
+            # where pidfds are missing.
             self.next_rescan = now + self.config.rescan_interval
-            st.liveness_stale = True
+            st.liveness_stale = st.liveness_stale or not self.owners.supported
             self.coalescer = self.coalescer.changed(now)
             self._schedule(now)
         if self.coalescer.due is not None and now >= self.coalescer.due:
@@ -432,12 +441,11 @@ class Daemon:
     def _timeout(self, now: float) -> float | None:
         deadlines = [d for d in (self.next_ping, self.coalescer.due, self.state.evaluate_at)
                      if d is not None]
-        # The safety-net rescan and the bus retry ride on the next watchdog wake when one comes
-        # first: being a few seconds late costs nothing, and an idle daemon wakes for no one else.
-        deadlines += [
-            d for d in (self.next_rescan, self.bus_retry_at)
-            if d is not None and (self.next_ping is None or d < self.next_ping)
-        ]
+        # With a watchdog, the safety-net rescan and the bus retry never wake the loop on their
+        # own: they run at the first watchdog wake after they are due. Being up to half a
+        # WatchdogSec late costs nothing, and an idle daemon wakes for nothing but the pings.
+        if self.next_ping is None:
+            deadlines += [d for d in (self.next_rescan, self.bus_retry_at) if d is not None]
         return max(0.0, min(deadlines) - now) if deadlines else None
 
     def _install_signals(self) -> None:
@@ -453,14 +461,12 @@ class Daemon:
                         "Protect*= options", logging.ERROR, result="wrong-namespace")
         now = self.clock()
         self._connect_bus(now)
+        self._open_udev()
         self._reread(now)
         self._evaluate(now)
         self.notifier.ready()
         self._event("STARTED", f"watching {len(self.config.rules)} target rules from "
                     f"{self.config.source}", result="ready")
-        # Interface events are only hints to look again, so they need not delay READY; opening
-        # them costs tens of ms (pyudev looks for libudev with ldconfig).
-        self._open_udev()
         while not self.state.stop_requested:
             now = self.clock()
             for key, _ in self.selector.select(self._timeout(now)):
