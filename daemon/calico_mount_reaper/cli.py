@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from calico_mount_reaper import __version__, journal
+from calico_mount_reaper import __version__
 from calico_mount_reaper.config import Config, ConfigError, load
 from calico_mount_reaper.plan import Mode
 from calico_mount_reaper.reaper import (
@@ -32,6 +31,9 @@ from calico_mount_reaper.reaper import (
     journal_report,
     run_pass,
 )
+
+if TYPE_CHECKING:  # the journal (and logging) load only when a reap runs under a unit
+    import logging
 
 EXIT_OK, EXIT_REMAIN, EXIT_USAGE, EXIT_NOPERM, EXIT_CONFIG = 0, 1, 2, 77, 78
 JSON_SCHEMA_VERSION = 1
@@ -196,6 +198,8 @@ def cmd_reap(args: argparse.Namespace, config: Config) -> int:
             "or use --dry-run to see the plan\n"
         )
         return EXIT_NOPERM
+    from calico_mount_reaper import journal
+
     # Run from a unit (kubelet's ExecStopPost), the decisions go to the journal as entries.
     log = None
     if not args.dry_run and journal.choose_sink(sys.stderr) is journal.Sink.JOURNAL:
@@ -214,6 +218,8 @@ def cmd_reap(args: argparse.Namespace, config: Config) -> int:
 
 
 def _journal_decisions(log: logging.Logger, report: PassReport) -> None:
+    from calico_mount_reaper import journal
+
     journal_report(log, report)
     for a in report.assessments:
         if not a.reap:

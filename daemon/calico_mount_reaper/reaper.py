@@ -8,12 +8,12 @@ fresh read, never what we hoped happened.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from calico_mount_reaper import journal, mountinfo
+from calico_mount_reaper import mountinfo
 from calico_mount_reaper.config import Config
 from calico_mount_reaper.liveness import Liveness, observe
 from calico_mount_reaper.plan import Action, Assessment, Mode, Site, find_sites, plan
@@ -25,6 +25,9 @@ from calico_mount_reaper.unmount import (
     remove_mount_point,
     unmount_planned,
 )
+
+if TYPE_CHECKING:  # logging costs a `status` run more than parsing 10k mountinfo lines
+    import logging
 
 MOUNTINFO = "/proc/self/mountinfo"
 # A stack deeper than this many rounds of surprises is not converging; stop and report.
@@ -177,6 +180,10 @@ class Tally:
 
 def journal_outcome(log: logging.Logger, outcome: Outcome, action: Action) -> None:
     """One journal entry per unmount attempt that did not simply succeed."""
+    import logging
+
+    from calico_mount_reaper import journal
+
     m = outcome.mount
     fields: dict[str, object] = dict(
         mount_point=m.mount_point, mount_id=m.mount_id, fstype=m.fstype,
@@ -199,6 +206,8 @@ def journal_outcome(log: logging.Logger, outcome: Outcome, action: Action) -> No
 
 def journal_report(log: logging.Logger, report: PassReport) -> Tally:
     """A REAPED entry for every site that is gone, judged by the fresh read at the end."""
+    from calico_mount_reaper import journal
+
     for a in report.reaped:
         journal.event(
             log, "REAPED", f"reaped {a.site.mount_point}: {len(a.site.members)} mount(s) "
