@@ -6,8 +6,8 @@ signals (through a wakeup pipe). Every wake only records what happened; `_tick` 
 what work is due: a coalesced re-read of the table, a liveness scan, grace timers, a reap.
 Decisions themselves are made by the pure core (plan, grace); this module only schedules.
 
-Idle, the loop sleeps until the next deadline, and the only regular deadline is the watchdog.
-The safety-net rescan rides on a watchdog wake when there is one, so it costs no extra wake-up.
+Idle, the loop sleeps until the next deadline, and the only regular deadline is the watchdog:
+the safety-net rescan and the bus retries ride on watchdog wakes when there are any.
 """
 
 from __future__ import annotations
@@ -80,7 +80,6 @@ class Daemon:
         *,
         clock: Callable[[], float] = time.monotonic,
         mountinfo_path: str = MOUNTINFO,
-        bus_address: str | None = None,
     ) -> None:
         self.config, self.config_path, self.log, self.notifier = config, config_path, log, notifier
         self.clock = clock
@@ -99,7 +98,6 @@ class Daemon:
 
         self.udev: Any = None
         self.bus: Any = None
-        self.bus_address = bus_address
         self.bus_retry_at: float | None = None
         self.bus_backoff = BUS_RETRY_FIRST
         self._last_error, self._last_error_at = "", 0.0
@@ -124,10 +122,10 @@ class Daemon:
     def _connect_bus(self, now: float) -> None:
         from calico_mount_reaper.sources.systemd import BusUnavailable, SystemdWatch
 
-        watch = SystemdWatch(self.config.kubelet_unit, self.bus_address)
+        watch = SystemdWatch(self.config.kubelet_unit)
         try:
             # No socket, no point loading pystemd (tens of ms at start) to be told so.
-            if self.bus_address is None and not liveness.system_bus_present():
+            if not liveness.system_bus_present():
                 raise BusUnavailable(
                     f"no D-Bus system bus socket at {watch.where}; start dbus (systemctl "
                     "start dbus) or set DBUS_SYSTEM_BUS_ADDRESS. Until then kubelet is judged "
