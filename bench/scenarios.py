@@ -6,13 +6,13 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 
+from daemon_harness import owner_exe
 from measure import (
     Samples,
     alternate,
@@ -290,13 +290,6 @@ def storm(size: Size) -> list[Row]:
         Row("3 storm", "full table re-reads (whole run, from the STOPPING entry)", str(rereads),
             note=f"storm lasted {took:.2f} s; re-reads are >= 0.2 s apart by design"),
     ]
-
-
-def owner_exe(workdir: str, name: str = "calico-node") -> str:
-    """A copy of sleep under an owner's name: its comm and argv[0] are the owner's."""
-    exe = os.path.join(workdir, name)
-    shutil.copy("/bin/sleep", exe)
-    return exe
 
 
 def owner_exit(size: Size) -> list[Row]:

@@ -8,6 +8,7 @@ when there is no journal). Mounts and interfaces are made inside the namespace v
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from nsutil import NamespaceShell
+
+
+def owner_exe(directory: Path | str, name: str = "calico-node") -> str:
+    """A copy of sleep under an owner's name: its comm and argv[0] are the owner's."""
+    exe = os.path.join(directory, name)
+    shutil.copy("/bin/sleep", exe)
+    return exe
 
 
 class DaemonRun:
@@ -107,6 +115,11 @@ class DaemonRun:
     def mount(self, fstype: str, path: str) -> None:
         self.shell.run(["mkdir", "-p", path])
         self.shell.run(["mount", "-t", fstype, "none", path])
+
+    def mount_stack(self, path: str) -> None:
+        """cgroup2 / tmpfs / cgroup2 at ``path``, as Calico and its propagated copies leave it."""
+        for fstype in ("cgroup2", "tmpfs", "cgroup2"):
+            self.mount(fstype, path)
 
     def mounted(self, path: str) -> int:
         from calico_mount_reaper.mountinfo import parse

@@ -8,7 +8,6 @@ by tests/test_sources_systemd.py against a private dbus-daemon, and by the e2e s
 from __future__ import annotations
 
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import DaemonRun
+from daemon_harness import DaemonRun, owner_exe
 from system_bus import Bus
 
 CGROUP = "/run/calico/cgroup"
@@ -26,13 +25,6 @@ CGROUP = "/run/calico/cgroup"
 def daemon(tmp_path: Path) -> Iterator[DaemonRun]:
     with DaemonRun(tmp_path) as run:
         yield run
-
-
-def owner_exe(tmp_path: Path, name: str = "calico-node") -> str:
-    """A copy of sleep under an owner's name: its comm and argv[0] are the owner's."""
-    exe = tmp_path / name
-    shutil.copy("/bin/sleep", exe)
-    return str(exe)
 
 
 def test_ready_after_the_first_pass_with_a_status_line(daemon: DaemonRun) -> None:
@@ -163,8 +155,7 @@ def test_sigterm_with_reap_on_stop_always_reaps_even_in_use(tmp_path: Path) -> N
         try:
             run.start()
             run.wait_notify("READY=1")
-            for fstype in ("cgroup2", "tmpfs", "cgroup2"):
-                run.mount(fstype, CGROUP)
+            run.mount_stack(CGROUP)
             run.wait_log("in use by calico-node")
             assert run.stop() == 0
             assert run.mounted(CGROUP) == 0
@@ -264,8 +255,7 @@ def test_sigterm_while_the_system_goes_down_reaps_everything(
     try:
         bus_daemon.start()
         bus_daemon.wait_notify("READY=1")
-        for fstype in ("cgroup2", "tmpfs", "cgroup2"):
-            bus_daemon.mount(fstype, CGROUP)
+        bus_daemon.mount_stack(CGROUP)
         bus_daemon.wait_log("in use by calico-node")
         bus.tell("job shutdown.target")
         bus_daemon.wait_log("system is going down")

@@ -10,7 +10,6 @@ trust and validation for the loader (tests/test_config.py).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 import time
@@ -18,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import DaemonRun
+from daemon_harness import DaemonRun, owner_exe
 from figures import record
 from harness import NO_NETLINK
 
@@ -38,12 +37,6 @@ def conf(extra: str = "grace_period = 0.2\n") -> str:
 def daemon(tmp_path: Path) -> Iterator[DaemonRun]:
     with DaemonRun(tmp_path, config=conf()) as run:
         yield run
-
-
-def _exe(tmp_path: Path, name: str) -> str:
-    exe = tmp_path / name
-    shutil.copy("/bin/sleep", exe)
-    return str(exe)
 
 
 # ---- SIGKILL in the middle of a reap, then a restart ------------------------------------------
@@ -94,7 +87,7 @@ def test_bus_outage_with_a_kubelet_stop_during_it_is_not_missed(tmp_path: Path) 
                            env={"DBUS_SYSTEM_BUS_ADDRESS": bus.address}) as d:
             # A kubelet process keeps the target held while the bus is away (degraded mode
             # judges kubelet by its process); only the bus can tell that the unit stopped.
-            kubelet = d.shell.popen([_exe(tmp_path, "kubelet"), "600"])
+            kubelet = d.shell.popen([owner_exe(tmp_path, "kubelet"), "600"])
             try:
                 d.start()
                 d.wait_notify("READY=1")
@@ -181,7 +174,7 @@ def test_ebusy_forever_bounded_retries_then_detach_or_refusal(tmp_path: Path,
     with DaemonRun(tmp_path, config=config) as d:
         d.mount("cgroup2", point)
         holder = d.shell.popen(
-            ["sh", "-c", f"cd {point} && exec {_exe(tmp_path, 'stubborn')} 600"])
+            ["sh", "-c", f"cd {point} && exec {owner_exe(tmp_path, 'stubborn')} 600"])
         try:
             d.start()
             d.wait_notify("READY=1")
