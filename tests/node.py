@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 
 from calico_mount_reaper import mountinfo
@@ -85,7 +86,28 @@ class Owner:
             with open("/bin/sleep", "rb") as src, open(exe, "wb") as dst:
                 dst.write(src.read())
             os.chmod(exe, 0o755)
-        return cls(subprocess.Popen([exe, "600"], cwd=cwd))
+        owner = cls(subprocess.Popen([exe, "600"], cwd=cwd))
+        owner._wait_until_exec_done(name)
+        return owner
+
+    def _wait_until_exec_done(self, name: str) -> None:
+        """Wait until the kernel shows the new comm and argv.
+
+        Popen returns once the close-on-exec pipe closes, but execve closes those descriptors
+        before it sets comm and before the new argv is readable, so a scan right after Popen
+        can still see the forked Python. CI once caught exactly that window.
+        """
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            proc = f"/proc/{self.pid}"
+            try:
+                with open(f"{proc}/comm") as comm, open(f"{proc}/cmdline") as argv:
+                    if comm.read().strip() == name[:15] and argv.read().startswith(f"/run/{name}"):
+                        return
+            except FileNotFoundError:
+                break
+            time.sleep(0.001)
+        raise RuntimeError(f"owner {name} (pid {self.pid}) never finished its exec")
 
     @property
     def pid(self) -> int:
