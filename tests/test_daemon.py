@@ -50,6 +50,57 @@ def test_watchdog_pings_at_half_the_interval(tmp_path: Path) -> None:
         assert all(0.15 <= g <= 0.3 for g in gaps), gaps
 
 
+def _after_ready(run: DaemonRun, text: str) -> list[str]:
+    messages = [m for _, m in run.messages]
+    ready = next(i for i, m in enumerate(messages) if "READY=1" in m)
+    return [m for m in messages[ready + 1 :] if text in m]
+
+
+def _rereads(log: str) -> int:
+    found = re.search(r"(\d+) table re-reads", log)
+    assert found, log[-2000:]
+    return int(found.group(1))
+
+
+def test_the_safety_net_rescan_rereads_but_decides_nothing_when_nothing_changed(
+    tmp_path: Path,
+) -> None:
+    # A target waiting out a long grace period: there are verdicts that a pass would publish.
+    with DaemonRun(tmp_path, config="grace_period = 100\nrescan_interval = 1\n") as run:
+        run.mount("cgroup2", CGROUP)
+        run.start()
+        run.wait_notify("READY=1")
+        run.collect(3.5)
+        assert run.stop() == 0
+        log = run.log()
+    assert _rereads(log) >= 4  # the first read, then one a second without any event
+    # Same table, owners watched by pidfd: no new verdicts, so no STATUS= (a pass publishes one).
+    assert _after_ready(run, "STATUS=") == [], run.messages
+
+
+def test_with_metrics_every_rescan_is_a_pass_that_refreshes_the_last_pass_time(
+    tmp_path: Path,
+) -> None:
+    prom = tmp_path / "reaper.prom"
+    config = f'grace_period = 100\nrescan_interval = 1\nmetrics_path = "{prom}"\n'
+
+    def last_pass() -> float:
+        found = re.search(r"^calico_mount_reaper_last_pass_timestamp_seconds (\S+)$",
+                          prom.read_text(), re.M)
+        assert found, prom.read_text()
+        return float(found.group(1))
+
+    with DaemonRun(tmp_path, config=config) as run:
+        run.mount("cgroup2", CGROUP)
+        run.start()
+        run.wait_notify("READY=1")
+        first = last_pass()
+        run.collect(2.5)
+        assert last_pass() >= first + 1.5  # refreshed by the rescans alone: nothing changed
+        assert len(_after_ready(run, "STATUS=")) >= 2
+        assert run.stop() == 0
+
+
 def test_watchdog_for_another_pid_is_ignored(tmp_path: Path) -> None:
     with DaemonRun(tmp_path, env={"WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"}) as run:
         run.start()

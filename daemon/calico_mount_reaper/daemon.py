@@ -424,13 +424,17 @@ class Daemon:
         if self.bus_retry_at is not None and now >= self.bus_retry_at:
             self._connect_bus(now)
         if now >= self.next_rescan:
-            # Safety net for a change no event told us about. Owner exits come through pidfds,
-            # and every reap rescans the processes first, so /proc needs a periodic scan only
-            # where pidfds are missing.
+            # Safety net for a change no event told us about: re-read the table, and a
+            # difference schedules new verdicts (_apply). Owner exits come through pidfds and
+            # every reap rescans the processes first, so /proc and the verdicts need a periodic
+            # look only where pidfds are missing, or to keep the metrics' last pass fresh.
+            # Skipping them is most of an idle wake's cost: touching cold code and data after
+            # a long sleep costs milliseconds on a VM (bench/ scenario 5).
             self.next_rescan = now + self.config.rescan_interval
-            st.liveness_stale = st.liveness_stale or not self.owners.supported
             self.coalescer = self.coalescer.changed(now)
-            self._schedule(now)
+            if not self.owners.supported or self.config.metrics_path:
+                st.liveness_stale = st.liveness_stale or not self.owners.supported
+                self._schedule(now)
         if self.coalescer.due is not None and now >= self.coalescer.due:
             self._reread(now)
         if st.evaluate_at is not None and now >= st.evaluate_at:
