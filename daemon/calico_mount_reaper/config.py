@@ -31,9 +31,12 @@ import stat
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from calico_mount_reaper.targets import BUILTIN_RULES, Rule, is_denied, normalize_path
+
+TYPE_CHECKING = False  # not typing's: see cli.py
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_PATH = "/etc/calico-mount-reaper/config.toml"
 ENV_VAR = "CALICO_MOUNT_REAPER_CONFIG"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from calico_mount_reaper import mountinfo
 from calico_mount_reaper.config import Config
@@ -26,6 +25,7 @@ from calico_mount_reaper.unmount import (
     unmount_planned,
 )
 
+TYPE_CHECKING = False  # not typing's: see cli.py
 if TYPE_CHECKING:  # logging costs a `status` run more than parsing 10k mountinfo lines
     import logging
 
