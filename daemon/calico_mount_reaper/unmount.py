@@ -19,10 +19,11 @@ of the emptied mount-point directory on an ordinary filesystem.
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import errno
+import functools
 import os
+import sys
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -51,7 +52,26 @@ _SPECIAL_FS_MAGIC = frozenset(
     }
 )
 
-_libc = ctypes.CDLL(None, use_errno=True)
+_STATFS_SIZE = 120  # sizeof(struct statfs) on 64-bit Linux; f_type (a long) comes first
+
+TYPE_CHECKING = False  # not typing's: see cli.py
+if TYPE_CHECKING:
+    import ctypes
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """libc, loaded at the first syscall: `status` makes none, and ctypes is 2 ms of its start."""
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _libc_call(name: str, *args: object) -> int:
+    """Call libc's ``name``; 0 on success, else the errno it set."""
+    import ctypes
+
+    return 0 if getattr(_libc(), name)(*args) == 0 else ctypes.get_errno()
 
 
 class Result(enum.Enum):
@@ -105,10 +125,12 @@ def _statx_identity(
     path: bytes, follow: bool = False, dir_fd: int = AT_FDCWD
 ) -> tuple[int | None, str]:
     """(mount ID or None before 5.8, "major:minor" of the filesystem) from one statx call."""
+    import ctypes
+
     buf = ctypes.create_string_buffer(_STATX_SIZE)
     flags = AT_NO_AUTOMOUNT | (0 if follow else AT_SYMLINK_NOFOLLOW)
-    if _libc.statx(dir_fd, path, flags, STATX_MNT_ID, buf) != 0:
-        err = ctypes.get_errno()
+    err = _libc_call("statx", dir_fd, path, flags, STATX_MNT_ID, buf)
+    if err:
         if err == errno.ENOSYS:
             return None, ""
         raise OSError(err, os.strerror(err), os.fsdecode(path))
@@ -152,9 +174,7 @@ def mount_identity(path: str, dir_fd: int | None = None) -> tuple[int, str]:
 
 def _umount2(path: str, flags: int) -> int:
     """umount2(2); returns 0 or the errno."""
-    if _libc.umount2(os.fsencode(path), flags | UMOUNT_NOFOLLOW) == 0:
-        return 0
-    return ctypes.get_errno()
+    return _libc_call("umount2", os.fsencode(path), flags | UMOUNT_NOFOLLOW)
 
 
 def _open_parent(path: str) -> tuple[int, str]:
@@ -348,13 +368,12 @@ def remove_mount_point(path: str) -> str | None:
     return None
 
 
-class _Statfs(ctypes.Structure):
-    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 112)]
-
-
 def _statfs_type(path: str) -> int:
-    buf = _Statfs()
-    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
-        err = ctypes.get_errno()
+    import ctypes
+
+    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    err = _libc_call("statfs", os.fsencode(path), buf)
+    if err:
         raise OSError(err, os.strerror(err), path)
-    return int(buf.f_type) & 0xFFFFFFFF
+    f_type = int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], sys.byteorder)
+    return f_type & 0xFFFFFFFF
