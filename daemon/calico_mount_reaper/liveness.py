@@ -71,14 +71,25 @@ def find_owners(processes: Iterable[Process], names: Iterable[str]) -> dict[str,
     return {name: tuple(sorted(pids)) for name, pids in found.items()}
 
 
+def _read_head(path: str, size: int) -> bytes:
+    """Up to ``size`` bytes from the start of ``path``, in one read().
+
+    Bare os.open/os.read: a file object per read doubled the cost of a /proc scan (10.5 against
+    5.3 µs a process), and the daemon scans before every reap.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, size)
+    finally:
+        os.close(fd)
+
+
 def read_process(pid: int, proc_root: str = "/proc") -> Process | None:
     """One process's names, or None if it is gone (a race with exit is normal here)."""
     base = f"{proc_root}/{pid}"
     try:
-        with open(f"{base}/comm", "rb") as f:
-            comm = f.read().rstrip(b"\n").decode("utf-8", "replace")
-        with open(f"{base}/cmdline", "rb") as f:
-            argv0 = f.read(4096).split(b"\0", 1)[0].decode("utf-8", "replace")
+        comm = _read_head(f"{base}/comm", 64).rstrip(b"\n").decode("utf-8", "replace")
+        argv0 = _read_head(f"{base}/cmdline", 4096).split(b"\0", 1)[0].decode("utf-8", "replace")
     except OSError:
         return None
     return Process(pid, comm, os.path.basename(argv0))
