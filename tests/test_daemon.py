@@ -101,6 +101,22 @@ def test_with_metrics_every_rescan_is_a_pass_that_refreshes_the_last_pass_time(
         assert run.stop() == 0
 
 
+def test_pings_come_every_rescan_interval_when_that_is_shorter(tmp_path: Path) -> None:
+    # WatchdogSec=20s asks for a ping every 10 s; the 1 s safety-net rescan shares the ping's
+    # wake instead of waking the loop on its own.
+    with DaemonRun(tmp_path, config="rescan_interval = 1\n",
+                   env={"WATCHDOG_USEC": "20000000"}) as run:
+        run.start()
+        start = run.wait_notify("READY=1")
+        run.collect(3.5)
+        pings = [t for t, m in run.messages if "WATCHDOG=1" in m and t >= start]
+        assert run.stop() == 0
+        log = run.log()
+    gaps = [b - a for a, b in zip(pings, pings[1:])]
+    assert 3 <= len(pings) <= 4 and all(0.8 <= g <= 1.3 for g in gaps), pings
+    assert _rereads(log) >= 4  # the first read and one rescan per ping
+
+
 def test_watchdog_for_another_pid_is_ignored(tmp_path: Path) -> None:
     with DaemonRun(tmp_path, env={"WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"}) as run:
         run.start()
