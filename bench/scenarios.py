@@ -349,13 +349,6 @@ def unit_watchdog_seconds(unit: str = UNIT) -> float:
     return int(found.group(1)) * (60 if found.group(2) == "min" else 1)
 
 
-def ping_interval(watchdog: float) -> float:
-    """How often the daemon pings: half of WatchdogSec, or the default rescan_interval."""
-    from calico_mount_reaper.config import Config
-
-    return min(watchdog / 2, Config().rescan_interval)
-
-
 def idle(size: Size) -> list[Row]:
     grow_base(0, size.base)
     workdir = tempfile.mkdtemp(dir="/run")
@@ -363,9 +356,12 @@ def idle(size: Size) -> list[Row]:
     mount_target("/run/calico/cgroup")
     watch = Watch()
     # The packaged unit's WatchdogSec, as systemd would pass it.
+    from calico_mount_reaper.config import Config
+    from calico_mount_reaper.daemon import ping_interval
+
     watchdog = unit_watchdog_seconds()
     daemon = _daemon(workdir, watch, "", WATCHDOG_USEC=str(round(watchdog * 1_000_000)))
-    every = ping_interval(watchdog)
+    every = ping_interval(watchdog / 2, Config().rescan_interval)
     peer: subprocess.Popen[bytes] | None = None
     try:
         daemon.wait_log("left alone, in use by calico-node")

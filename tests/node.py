@@ -14,7 +14,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from calico_mount_reaper import mountinfo
+from calico_mount_reaper import liveness, mountinfo
 from nsutil import mount
 
 # Mount points with every byte the kernel escapes in mountinfo (space, tab, newline, backslash).
@@ -91,7 +91,7 @@ class Owner:
         return owner
 
     def _wait_until_exec_done(self, name: str) -> None:
-        """Wait until the kernel shows the new comm and argv.
+        """Wait until the product's own /proc reader sees the new comm and argv.
 
         Popen returns once the close-on-exec pipe closes, but execve closes those descriptors
         before it sets comm and before the new argv is readable, so a scan right after Popen
@@ -99,13 +99,11 @@ class Owner:
         """
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            proc = f"/proc/{self.pid}"
-            try:
-                with open(f"{proc}/comm") as comm, open(f"{proc}/cmdline") as argv:
-                    if comm.read().strip() == name[:15] and argv.read().startswith(f"/run/{name}"):
-                        return
-            except FileNotFoundError:
+            seen = liveness.read_process(self.pid)
+            if seen is None:
                 break
+            if seen.comm == name[:15] and seen.argv0 == name:
+                return
             time.sleep(0.001)
         raise RuntimeError(f"owner {name} (pid {self.pid}) never finished its exec")
 

@@ -442,14 +442,9 @@ class Daemon:
             self._evaluate(now)
 
     def _next_ping(self, now: float) -> float | None:
-        """Half of WatchdogSec from now, or the rescan interval if shorter; None without one.
-
-        Pinging more often than systemd needs lets the rescan share the ping's wake instead of
-        waking on its own: each wake costs milliseconds of CPU on a VM (bench/ scenario 5).
-        """
         if not self.watchdog:
             return None
-        return now + min(self.watchdog, self.config.rescan_interval)
+        return now + ping_interval(self.watchdog, self.config.rescan_interval)
 
     def _timeout(self, now: float) -> float | None:
         deadlines = [d for d in (self.next_ping, self.coalescer.due, self.state.evaluate_at)
@@ -554,6 +549,15 @@ class Daemon:
 
     def _event(self, name: str, message: str, level: int = logging.INFO, **fields: Any) -> None:
         journal.event(self.log, name, message, level=level, stacklevel=2, **fields)
+
+
+def ping_interval(half_watchdog: float, rescan_interval: float) -> float:
+    """Seconds between WATCHDOG=1 pings: half of WatchdogSec, or the rescan interval if shorter.
+
+    Pinging more often than systemd needs lets the rescan share the ping's wake instead of
+    waking on its own: each wake costs milliseconds of CPU on a VM (bench/ scenario 5).
+    """
+    return min(half_watchdog, rescan_interval)
 
 
 def _without_line_number(warning: str) -> str:
