@@ -1,7 +1,7 @@
 """Run the benchmark scenarios and write bench/results.md. Usage: ``sudo bench/run [--quick]``.
 
 Each scenario runs in a forked child inside a fresh private mount namespace with a tmpfs over
-/run (tests/nsutil.py), so every mount it makes dies with it and the host's table is untouched.
+/run (tests/support/nsutil.py), so every mount it makes dies with it and the host's table is untouched.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from nsutil import in_namespace  # noqa: E402
+from tests.support.nsutil import in_namespace  # noqa: E402
 from scenarios import QUICK, SCENARIOS, Row, Size  # noqa: E402
 
 COMMAND = "sudo bench/run"

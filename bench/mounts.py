@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from nsutil import mount
+from tests.support.nsutil import mount
 
 MS_BIND = 4096
 MNT_DETACH = 2

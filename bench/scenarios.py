@@ -12,7 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from daemon_harness import owner_exe
+from tests.support.daemon_harness import owner_exe
 from measure import (
     Samples,
     alternate,

@@ -1,17 +1,14 @@
 """Session-wide guard: the host's own mount table must be exactly as the tests found it.
 
-Every real mount belongs in a private namespace (tests/nsutil.py). If a test leaks one into the
+Every real mount belongs in a private namespace (tests/support/nsutil.py). If a test leaks one into the
 host's namespace, the whole run fails and names the difference.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
 
 
 def _host_mounts() -> set[str]:

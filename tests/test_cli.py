@@ -7,8 +7,8 @@ import os
 import subprocess
 import sys
 
-import node
-from nsutil import in_namespace
+from tests.support import node
+from tests.support.nsutil import in_namespace
 
 CLI = [sys.executable, "-m", "calico_mount_reaper"]
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import DaemonRun, owner_exe
-from system_bus import Bus
+from tests.support.daemon_harness import DaemonRun, owner_exe
+from tests.support.system_bus import Bus
 
 CGROUP = "/run/calico/cgroup"
 
@@ -263,14 +264,14 @@ def test_a_bad_config_at_start_exits_78(daemon: DaemonRun) -> None:
 
 def test_without_cap_sys_admin_it_exits_77_and_says_why(tmp_path: Path) -> None:
     out = subprocess.run(
-        ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", "python3", "-m",
+        ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", sys.executable, "-m",
          "calico_mount_reaper", "run"], capture_output=True, text=True, timeout=30,
     )
     assert out.returncode == 77
     assert "CAP_SYS_ADMIN" in out.stderr
 
 
-# ---- with systemd on a bus: a real dbus-daemon and a fake systemd/logind (tests/system_bus.py) --
+# ---- with systemd on a bus: a real dbus-daemon and a fake systemd/logind (tests/support/system_bus.py) --
 
 
 @pytest.fixture
@@ -356,7 +357,7 @@ def _garbage_lines_in_the_table() -> tuple[str, int]:
     import io
     import logging
 
-    import node
+    from tests.support import node
     from calico_mount_reaper import journal, mountinfo
     from calico_mount_reaper.config import Config
     from calico_mount_reaper.daemon import Daemon
@@ -387,7 +388,7 @@ def _garbage_lines_in_the_table() -> tuple[str, int]:
 
 
 def test_malformed_mountinfo_lines_are_skipped_with_a_warning_and_the_loop_goes_on() -> None:
-    from nsutil import in_namespace
+    from tests.support.nsutil import in_namespace
 
     log, still_mounted = in_namespace(_garbage_lines_in_the_table)
     assert log.count("skipped") == 3, log

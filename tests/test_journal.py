@@ -1,7 +1,7 @@
 """journal.py against a real journal socket.
 
 libsystemd's sender only ever talks to /run/systemd/journal/socket, so the tests that need a
-journal run in a private mount namespace (tests/nsutil.py, fresh tmpfs over /run) and bind a real
+journal run in a private mount namespace (tests/support/nsutil.py, fresh tmpfs over /run) and bind a real
 AF_UNIX datagram socket there; the datagrams are parsed as journald would parse them (the native
 protocol: ``KEY=value\\n``, or ``KEY\\n`` + 64-bit LE length + raw bytes + ``\\n``).
 """
@@ -31,7 +31,7 @@ from calico_mount_reaper.journal import (
     choose_sink,
     event,
 )
-from nsutil import in_namespace
+from tests.support.nsutil import in_namespace
 
 ODD_MOUNT_POINT = "/run/calico/a b\ncgroup"
 UNDECODABLE = os.fsdecode(b"/run/calico/\xff\xfe")

@@ -17,8 +17,8 @@ from calico_mount_reaper.mountinfo import (
 )
 from hypothesis import given
 from hypothesis import strategies as st
-from nsutil import in_namespace, mount
-from strategies import parsed_mount_lists, path_text, render
+from tests.support.nsutil import in_namespace, mount
+from tests.support.strategies import parsed_mount_lists, path_text, render
 
 # The two examples from proc(5) (the first is the documented one, the second its newer wording).
 PROC5_EXAMPLE = "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue"

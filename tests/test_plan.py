@@ -3,7 +3,7 @@
 The property tests are the proof asked for in issue 7 item 2. They check the plan against
 oracles written here independently of targets.py and plan.py (paths compared as
 ``PurePosixPath`` components, ancestry walked along ``parent_id``). Run them at scale with
-``HYPOTHESIS_PROFILE=deep`` (100_000 tables per property; see tests/strategies.py).
+``HYPOTHESIS_PROFILE=deep`` (100_000 tables per property; see tests/support/strategies.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from calico_mount_reaper.plan import Mode, Plan, Verdict, find_sites, plan
 from calico_mount_reaper.targets import BUILTIN_RULES, Rule, search_needles
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import configs, corrupt_tables, kernel_tables, livenesses, modes, render
+from tests.support.strategies import configs, corrupt_tables, kernel_tables, livenesses, modes, render
 
 CALICO, CILIUM = BUILTIN_RULES
 KUBELET_ACTIVE = KubeletState(active=True, source="dbus", detail="kubelet.service is active")

@@ -12,7 +12,7 @@ from calico_mount_reaper.mountinfo import Mount
 from calico_mount_reaper.sources.mountinfo import Coalescer, MountTableWatch, diff
 from hypothesis import given
 from hypothesis import strategies as st
-from nsutil import enter_private_namespace, in_namespace, mount
+from tests.support.nsutil import enter_private_namespace, in_namespace, mount
 
 _libc = ctypes.CDLL(None, use_errno=True)
 

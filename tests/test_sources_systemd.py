@@ -2,7 +2,7 @@
 
 The bus daemon is real (a private ``dbus-daemon`` with a system-bus-like config in a temp dir),
 and pystemd talks sd-bus to it exactly as on a node. Only the peer is a stand-in
-(tests/fake_systemd.py), because PID 1 here is not systemd; real systemd is the e2e suite's job.
+(tests/support/fake_systemd.py), because PID 1 here is not systemd; real systemd is the e2e suite's job.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from calico_mount_reaper.sources.systemd import (
     SystemdWatch,
     unit_object_path,
 )
-from system_bus import Bus
+from tests.support.system_bus import Bus
 
 pytest.importorskip("pystemd")
 pytest.importorskip("dbus_next")

@@ -16,7 +16,7 @@ from calico_mount_reaper.sources.udev import (
     UdevUnavailable,
     is_dataplane_interface,
 )
-from nsutil import in_namespace
+from tests.support.nsutil import in_namespace
 
 
 def ip(cmd: str) -> None:

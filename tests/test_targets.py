@@ -17,7 +17,7 @@ from calico_mount_reaper.targets import (
 )
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import FSTYPES, PATH_POOL, mount_paths
+from tests.support.strategies import FSTYPES, PATH_POOL, mount_paths
 
 CALICO, CILIUM = BUILTIN_RULES
 # A rule that would take everything: only the deny-list stands between it and the host.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-import node
+from tests.support import node
 from calico_mount_reaper import mountinfo
 from calico_mount_reaper.mountinfo import Mount
 from calico_mount_reaper.unmount import (
@@ -16,7 +16,7 @@ from calico_mount_reaper.unmount import (
     remove_mount_point,
     unmount_planned,
 )
-from nsutil import in_namespace
+from tests.support.nsutil import in_namespace
 
 FAST = BusyPolicy(retries=2, backoff=0.01)
 

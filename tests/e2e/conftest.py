@@ -14,7 +14,7 @@ from typing import Protocol
 
 import pytest
 
-from e2e import harness
+from tests.e2e import harness
 
 
 def unavailable(reason: str) -> None:

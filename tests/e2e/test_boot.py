@@ -11,8 +11,8 @@ import os
 
 import pytest
 
-from e2e import harness
-from e2e.conftest import Boot
+from tests.e2e import harness
+from tests.e2e.conftest import Boot
 
 
 def test_parse_mirror_prefers_the_suite_over_the_security_archive() -> None:

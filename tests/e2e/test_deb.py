@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 from calico_mount_reaper.journal import MESSAGE_IDS
-from test_packaging import DEB_VERSION, build_packages
+from tests.test_packaging import DEB_VERSION, build_packages
 
-from e2e import harness
-from e2e.conftest import Boot
+from tests.e2e import harness
+from tests.e2e.conftest import Boot
 
 pytestmark = pytest.mark.e2e
 

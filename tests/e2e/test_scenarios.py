@@ -21,8 +21,8 @@ import pytest
 from calico_mount_reaper import install
 from calico_mount_reaper.journal import MESSAGE_IDS
 
-from e2e import harness
-from e2e.conftest import Boot
+from tests.e2e import harness
+from tests.e2e.conftest import Boot
 
 pytestmark = pytest.mark.e2e
 

@@ -79,11 +79,11 @@ STATIC = "\n## Covered elsewhere (run by the same command)\n\n" + _table(
 ## Simulated, and how
 
 - *Garbage mountinfo*: fed through the parser, see above.
-- *No netlink*: a seccomp filter (tests/reliability/no_netlink.py) makes the kernel refuse
+- *No netlink*: a seccomp filter (tests/support/no_netlink.py) makes the kernel refuse
   `socket(AF_NETLINK)` for the daemon process, as a seccomp profile would.
 - *No /proc/1*: an empty read-only tmpfs over `/proc/1` in the test's mount namespace.
 - *No journal socket*: the test namespace has a fresh `/run`, so there is no socket at all.
-- *Systemd*: a fake systemd/logind on a private dbus-daemon (tests/fake_systemd.py), the real
+- *Systemd*: a fake systemd/logind on a private dbus-daemon (tests/support/fake_systemd.py), the real
   daemon process talking to it through `DBUS_SYSTEM_BUS_ADDRESS`.
 """
 

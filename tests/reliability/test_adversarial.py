@@ -1,6 +1,6 @@
 """Safety under attack: the reaper against a hostile mount table, on the real kernel.
 
-Every case runs in a private mount namespace (tests/nsutil.py) and counts *wrong unmounts*:
+Every case runs in a private mount namespace (tests/support/nsutil.py) and counts *wrong unmounts*:
 a mount that was not a target (or a target other than the planned one) disappearing. The
 figure must be zero. Each case records its attempts and wrong unmounts for docs/reliability.md.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-import node
+from tests.support import node
 from calico_mount_reaper import mountinfo
 from calico_mount_reaper.config import Config
 from calico_mount_reaper.liveness import Liveness
@@ -18,8 +18,8 @@ from calico_mount_reaper.mountinfo import Mount
 from calico_mount_reaper.plan import Mode
 from calico_mount_reaper.reaper import run_pass
 from calico_mount_reaper.unmount import BusyPolicy, Result, unmount_planned
-from figures import record
-from nsutil import in_namespace, mount
+from tests.support.figures import record
+from tests.support.nsutil import in_namespace, mount
 
 NO_RETRY = BusyPolicy(retries=0, backoff=0)
 RACE_ITERATIONS = int(os.environ.get("RELIABILITY_RACE_ITERATIONS", "1000"))

@@ -1,7 +1,7 @@
 """Faults a node throws at the daemon: each case is a test and a row in docs/reliability.md.
 
 The daemon is the real `calico-mount-reaper run` process in a private mount+net namespace
-(tests/daemon_harness.py). Faults that other suites already prove are not repeated here; the
+(tests/support/daemon_harness.py). Faults that other suites already prove are not repeated here; the
 table in docs/reliability.md names the test that covers them (run by tests/reliability/run):
 no CAP_SYS_ADMIN (tests/test_daemon.py), garbage mountinfo lines (tests/test_daemon.py), config
 trust and validation for the loader (tests/test_config.py).
@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import DaemonRun, owner_exe
-from figures import record
-from harness import NO_NETLINK
+from tests.support.daemon_harness import DaemonRun, owner_exe
+from tests.support.figures import record
+from tests.support.fault_launchers import NO_NETLINK
 
 ROW = "faults"
 # A rule of our own, with an owner name nothing else on the machine uses: other test runs on the
@@ -76,7 +76,7 @@ def test_sigkill_mid_reap_then_restart_converges(tmp_path: Path) -> None:
 
 def test_bus_outage_with_a_kubelet_stop_during_it_is_not_missed(tmp_path: Path) -> None:
     pytest.importorskip("dbus_next")
-    from system_bus import Bus
+    from tests.support.system_bus import Bus
 
     bus = Bus(tmp_path)
     bus.start()

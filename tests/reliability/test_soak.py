@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from daemon_harness import DaemonRun
-from figures import record
+from tests.support.daemon_harness import DaemonRun
+from tests.support.figures import record
 
 SECONDS = float(os.environ.get("RELIABILITY_SOAK_SECONDS", "60"))
 CGROUP = "/run/soak/cgroup"

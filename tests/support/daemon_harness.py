@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from nsutil import NamespaceShell
+from tests.support.nsutil import NamespaceShell
 
 
 def owner_exe(directory: Path | str, name: str = "calico-node") -> str:

@@ -1,4 +1,4 @@
-"""Fault launchers for the real daemon (tests/daemon_harness.py's DaemonRun ``wrapper``).
+"""Fault launchers for the real daemon (tests/support/daemon_harness.py's DaemonRun ``wrapper``).
 
 A wrapper (``setpriv ...``, ``no_netlink.py``) puts the daemon process itself under a fault;
 everything else (namespace, notify socket, log) is the shared harness.

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from calico_mount_reaper import liveness, mountinfo
-from nsutil import mount
+from tests.support.nsutil import mount
 
 # Mount points with every byte the kernel escapes in mountinfo (space, tab, newline, backslash).
 WEIRD_TARGET = "/run/calico/we ird\tname\nwith\\slash"

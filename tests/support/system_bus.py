@@ -1,7 +1,7 @@
 """A private system-like bus: a real dbus-daemon plus the fake systemd/logind on it.
 
 Shared by the systemd source tests and the daemon tests. The bus daemon is real; only the peer
-is a stand-in (tests/fake_systemd.py), because PID 1 here is not systemd.
+is a stand-in (tests/support/fake_systemd.py), because PID 1 here is not systemd.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Adversarial, fault and soak suites (tests/reliability/run publishes their figures)."""

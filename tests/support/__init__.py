@@ -1,0 +1,1 @@
+"""Shared test helpers: namespaces, fake nodes, the daemon harness, a fake systemd."""
