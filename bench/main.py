@@ -1,7 +1,8 @@
 """Run the benchmark scenarios and write bench/results.md. Usage: ``sudo bench/run [--quick]``.
 
 Each scenario runs in a forked child inside a fresh private mount namespace with a tmpfs over
-/run (tests/support/nsutil.py), so every mount it makes dies with it and the host's table is untouched.
+/run (tests/support/nsutil.py), so every mount it makes dies with it and the host's table is
+untouched.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from tests.support.nsutil import in_namespace  # noqa: E402
 from scenarios import QUICK, SCENARIOS, Row, Size  # noqa: E402
+
+from tests.support.nsutil import in_namespace  # noqa: E402
 
 COMMAND = "sudo bench/run"
 
@@ -31,20 +33,26 @@ def machine() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     findmnt = subprocess.run(["findmnt", "--version"], capture_output=True, text=True).stdout
-    return (f"Linux {platform.release()}, {os.cpu_count()} CPUs ({cpu}), Python "
-            f"{platform.python_version()}, {findmnt.strip()}")
+    return (
+        f"Linux {platform.release()}, {os.cpu_count()} CPUs ({cpu}), Python "
+        f"{platform.python_version()}, {findmnt.strip()}"
+    )
 
 
 def table(rows: list[Row]) -> str:
-    out = ["| scenario | measure | calico-mount-reaper (min / median / max) | peer | "
-           "peer (min / median / max) | ratio | goal | met |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| scenario | measure | calico-mount-reaper (min / median / max) | peer | "
+        "peer (min / median / max) | ratio | goal | met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}x"
         met = "" if r.met is None else ("yes" if r.met else "**no**")
         ours = r.ours + (f" ({r.note})" if r.note else "")
-        out.append(f"| {r.scenario} | {r.measure} | {ours} | {r.peer} | {r.peer_value} | "
-                   f"{ratio} | {r.goal} | {met} |")
+        out.append(
+            f"| {r.scenario} | {r.measure} | {ours} | {r.peer} | {r.peer_value} | "
+            f"{ratio} | {r.goal} | {met} |"
+        )
     return "\n".join(out)
 
 
@@ -55,9 +63,12 @@ def run(names: list[str], size: Size) -> list[Row]:
         print(f"== {name}", flush=True)
         got = in_namespace(SCENARIOS[name], size, timeout=3600)
         for r in got:
-            print(f"   {r.measure}: {r.ours} | {r.peer} {r.peer_value} | "
-                  f"{'' if r.ratio is None else f'{r.ratio:.2f}x '}{r.goal} "
-                  f"{'' if r.met is None else ('met' if r.met else 'MISSED')}", flush=True)
+            print(
+                f"   {r.measure}: {r.ours} | {r.peer} {r.peer_value} | "
+                f"{'' if r.ratio is None else f'{r.ratio:.2f}x '}{r.goal} "
+                f"{'' if r.met is None else ('met' if r.met else 'MISSED')}",
+                flush=True,
+            )
         print(f"   ({time.monotonic() - start:.0f} s)", flush=True)
         rows.extend(got)
     return rows
@@ -66,8 +77,12 @@ def run(names: list[str], size: Size) -> list[Row]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run)")
-    parser.add_argument("--only", action="append", choices=sorted(SCENARIOS),
-                        help="run just this scenario (repeatable)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=sorted(SCENARIOS),
+        help="run just this scenario (repeatable)",
+    )
     parser.add_argument("--out", default=str(HERE / "results.md"), help="results file")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -78,10 +93,12 @@ def main() -> int:
     started = time.strftime("%Y-%m-%d %H:%M")
     rows = run(names, size)
     flag = " --quick" if args.quick else ""
-    text = (f"# Benchmark results\n\nWritten by `{COMMAND}{flag}` on {started}. {machine()}.\n"
-            "All mounts in private mount namespaces. Peers measured alternately with ours, in "
-            "the same run; ratio = our median / peer median (lower is better).\n\n"
-            f"{table(rows)}\n")
+    text = (
+        f"# Benchmark results\n\nWritten by `{COMMAND}{flag}` on {started}. {machine()}.\n"
+        "All mounts in private mount namespaces. Peers measured alternately with ours, in "
+        "the same run; ratio = our median / peer median (lower is better).\n\n"
+        f"{table(rows)}\n"
+    )
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
     return 0

@@ -35,8 +35,10 @@ class Samples:
         """``min / median / max unit`` (one value is shown alone)."""
         if len(self.values) == 1:
             return f"{fmt(self.values[0])} {self.unit}"
-        return (f"{fmt(min(self.values))} / {fmt(self.median)} / {fmt(max(self.values))} "
-                f"{self.unit} (n={len(self.values)})")
+        return (
+            f"{fmt(min(self.values))} / {fmt(self.median)} / {fmt(max(self.values))} "
+            f"{self.unit} (n={len(self.values)})"
+        )
 
 
 def fmt(value: float) -> str:
@@ -53,7 +55,10 @@ def fmt(value: float) -> str:
 
 
 def alternate(
-    ours: Callable[[], float], peer: Callable[[], float], repeats: int, unit: str = "ms",
+    ours: Callable[[], float],
+    peer: Callable[[], float],
+    repeats: int,
+    unit: str = "ms",
     warmup: bool = True,
 ) -> tuple[Samples, Samples]:
     """Run ``ours`` and ``peer`` in turn ``repeats`` times each (swapping who goes first each

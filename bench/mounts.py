@@ -20,8 +20,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def pod_path(i: int) -> str:
-    return (f"{BASE}/pods/{i:08x}-5f1c-4c1e-9d2a-{i:012x}/volumes/"
-            f"kubernetes.io~projected/kube-api-access-{i % 99991:05d}")
+    return (
+        f"{BASE}/pods/{i:08x}-5f1c-4c1e-9d2a-{i:012x}/volumes/"
+        f"kubernetes.io~projected/kube-api-access-{i % 99991:05d}"
+    )
 
 
 def grow_base(start: int, stop: int) -> None:

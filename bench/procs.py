@@ -124,8 +124,9 @@ def first(source: Lines | Datagrams, text: str, since: int = 0) -> float | None:
 class DaemonProc:
     """`calico-mount-reaper run` in the current (private) namespace."""
 
-    def __init__(self, workdir: str, config: str, watch: Watch,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: str, config: str, watch: Watch, env: dict[str, str] | None = None
+    ) -> None:
         self.workdir = workdir
         self.config_path = os.path.join(workdir, "config.toml")
         with open(self.config_path, "w") as f:
@@ -134,8 +135,11 @@ class DaemonProc:
         if os.path.exists(notify_path):
             os.unlink(notify_path)
         self.notify = Datagrams(notify_path)
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("NOTIFY_", "WATCHDOG_", "DBUS_", "JOURNAL_"))}
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("NOTIFY_", "WATCHDOG_", "DBUS_", "JOURNAL_"))
+        }
         self.env.update({"NOTIFY_SOCKET": notify_path, "PYTHONUNBUFFERED": "1", **(env or {})})
         self.watch = watch
         self.proc: subprocess.Popen[bytes] | None = None
@@ -146,7 +150,9 @@ class DaemonProc:
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
             [*reaper_command(), "run", "--config", self.config_path],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             env=self.env,
         )
         assert self.proc.stderr is not None
@@ -206,7 +212,8 @@ class FindmntPoll:
     def __init__(self, watch: Watch) -> None:
         self.proc = subprocess.Popen(
             ["findmnt", "--poll", "-n", "-o", "ACTION,TARGET"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
         )
         assert self.proc.stdout is not None
         self.out = Lines(self.proc.stdout.fileno())

@@ -12,7 +12,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from tests.support.daemon_harness import owner_exe
 from measure import (
     Samples,
     alternate,
@@ -26,6 +25,8 @@ from measure import (
 )
 from mounts import BASE, detach, grow_base, mount_target, mounts_at, stack
 from procs import DaemonProc, FindmntPoll, Watch, first, reaper_command, run_quiet
+
+from tests.support.daemon_harness import owner_exe
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -60,9 +61,19 @@ class Size:
     stack_repeats: int = 5
 
 
-QUICK = Size(pass_sizes=(100, 300, 600), pass_repeats=3, process_repeats=2, base=100,
-             latency_samples=3, storm_pairs=200, exit_samples=2, idle_seconds=2.0,
-             start_samples=2, deep_stack=40, stack_repeats=1)
+QUICK = Size(
+    pass_sizes=(100, 300, 600),
+    pass_repeats=3,
+    process_repeats=2,
+    base=100,
+    latency_samples=3,
+    storm_pairs=200,
+    exit_samples=2,
+    idle_seconds=2.0,
+    start_samples=2,
+    deep_stack=40,
+    stack_repeats=1,
+)
 
 
 def umount(path: str) -> None:
@@ -71,15 +82,23 @@ def umount(path: str) -> None:
         raise OSError(err, f"umount {path}: {os.strerror(err)}")
 
 
-def ratio_row(scenario: str, measure: str, ours: Samples, peer_name: str, peer: Samples,
-              goal_ratio: float | None, goal: str, note: str = "") -> Row:
+def ratio_row(
+    scenario: str,
+    measure: str,
+    ours: Samples,
+    peer_name: str,
+    peer: Samples,
+    goal_ratio: float | None,
+    goal: str,
+    note: str = "",
+) -> Row:
     ratio = ours.median / peer.median
     met = None if goal_ratio is None else ratio <= goal_ratio
-    return Row(scenario, measure, ours.summary(), peer_name, peer.summary(), ratio, goal, met,
-               note)
+    return Row(scenario, measure, ours.summary(), peer_name, peer.summary(), ratio, goal, met, note)
 
 
 # ---- 1. pass cost ------------------------------------------------------------------------------
+
 
 def bare_read() -> None:
     fd = os.open("/proc/self/mountinfo", os.O_RDONLY)
@@ -96,8 +115,11 @@ def pass_cost(size: Size) -> list[Row]:
     from calico_mount_reaper.reaper import run_pass
 
     config = Config()
-    for fstype, path in (("cgroup2", "/run/calico/cgroup"), ("bpf", "/run/calico/bpffs"),
-                         ("cgroup2", "/run/cilium/cgroupv2")):
+    for fstype, path in (
+        ("cgroup2", "/run/calico/cgroup"),
+        ("bpf", "/run/calico/bpffs"),
+        ("cgroup2", "/run/cilium/cgroupv2"),
+    ):
         mount_target(path, fstype)
     rows: list[Row] = []
     reaper = reaper_command()
@@ -110,38 +132,87 @@ def pass_cost(size: Size) -> list[Row]:
         label = f"{n // 1000}k mounts" if n >= 1000 else f"{n} mounts"
         ours, floor = alternate(
             lambda: timed_ms(lambda: run_pass(config, Mode.NORMAL, dry_run=True)),
-            lambda: timed_ms(bare_read), size.pass_repeats)
+            lambda: timed_ms(bare_read),
+            size.pass_repeats,
+        )
         in_process.append(ours.median)
-        rows.append(ratio_row("1a pass cost", f"in-process status pass, {label}", ours,
-                              "bare read of /proc/self/mountinfo", floor, 1.3, "<= 1.3x"))
+        rows.append(
+            ratio_row(
+                "1a pass cost",
+                f"in-process status pass, {label}",
+                ours,
+                "bare read of /proc/self/mountinfo",
+                floor,
+                1.3,
+                "<= 1.3x",
+            )
+        )
         cpu_ours, cpu_peer = Samples("ms CPU"), Samples("ms CPU")
         cli, listed = alternate(
             lambda c=cpu_ours: run_quiet([*reaper, "status"], c),  # type: ignore[misc]
             lambda c=cpu_peer: run_quiet(["findmnt", "-rn", "-t", "cgroup2"], c),  # type: ignore[misc]
-            size.process_repeats)
+            size.process_repeats,
+        )
         del cpu_ours.values[0], cpu_peer.values[0]  # the unrecorded warm-up round
         as_process.append(cli.median)
         goal = n == 10000 or n == size.pass_sizes[1]
-        rows.append(ratio_row("1b status process", f"`calico-mount-reaper status`, {label}", cli,
-                              "`findmnt -rn -t cgroup2`", listed, 1.0 if goal else None,
-                              "<= 1x at 10k" if goal else ""))
-        rows.append(ratio_row("1b status process", f"same, CPU time (user+sys), {label}",
-                              cpu_ours, "`findmnt -rn -t cgroup2`", cpu_peer, None, ""))
+        rows.append(
+            ratio_row(
+                "1b status process",
+                f"`calico-mount-reaper status`, {label}",
+                cli,
+                "`findmnt -rn -t cgroup2`",
+                listed,
+                1.0 if goal else None,
+                "<= 1x at 10k" if goal else "",
+            )
+        )
+        rows.append(
+            ratio_row(
+                "1b status process",
+                f"same, CPU time (user+sys), {label}",
+                cpu_ours,
+                "`findmnt -rn -t cgroup2`",
+                cpu_peer,
+                None,
+                "",
+            )
+        )
         # The tree form (findmnt's default output) grows quadratically: one run is plenty.
         tree_runs = 1 if n > 20000 else size.process_repeats
-        cli2, tree = alternate(lambda: run_quiet([*reaper, "status"]),
-                               lambda: run_quiet(["findmnt", "-t", "cgroup2"]), tree_runs,
-                               warmup=n <= 20000)
-        rows.append(ratio_row("1b status process", f"`calico-mount-reaper status`, {label}", cli2,
-                              "`findmnt -t cgroup2` (tree)", tree, None, ""))
+        cli2, tree = alternate(
+            lambda: run_quiet([*reaper, "status"]),
+            lambda: run_quiet(["findmnt", "-t", "cgroup2"]),
+            tree_runs,
+            warmup=n <= 20000,
+        )
+        rows.append(
+            ratio_row(
+                "1b status process",
+                f"`calico-mount-reaper status`, {label}",
+                cli2,
+                "`findmnt -t cgroup2` (tree)",
+                tree,
+                None,
+                "",
+            )
+        )
     sizes = size.pass_sizes
     for what, times in (("in-process pass", in_process), ("status process", as_process)):
         growth = slope_ratio(sizes, times)
-        per_mount = ", ".join(f"{(t2 - t1) / (n2 - n1) * 1000:.2f}"
-                              for n1, n2, t1, t2 in zip(sizes, sizes[1:], times, times[1:]))
-        rows.append(Row("1c growth", f"{what}: µs per added mount ({per_mount})",
-                        f"last/first slope {growth:.2f}", goal="linear (slope ratio <= 1.5)",
-                        met=growth <= 1.5))
+        per_mount = ", ".join(
+            f"{(t2 - t1) / (n2 - n1) * 1000:.2f}"
+            for n1, n2, t1, t2 in zip(sizes, sizes[1:], times, times[1:])
+        )
+        rows.append(
+            Row(
+                "1c growth",
+                f"{what}: µs per added mount ({per_mount})",
+                f"last/first slope {growth:.2f}",
+                goal="linear (slope ratio <= 1.5)",
+                met=growth <= 1.5,
+            )
+        )
     rows.append(import_check(reaper))
     return rows
 
@@ -154,17 +225,27 @@ def import_check(reaper: list[str]) -> Row:
     if reaper[0] == sys.executable:
         argv = [sys.executable, "-X", "importtime", "-m", "calico_mount_reaper", "status"]
     err = subprocess.run(argv, capture_output=True, text=True, check=True).stderr
-    modules = {line.split("|")[2].strip(): int(line.split("|")[1]) for line in err.splitlines()
-               if line.startswith("import time:") and line.count("|") == 2
-               and not line.split("|")[1].strip().startswith("cumulative")}
+    modules = {
+        line.split("|")[2].strip(): int(line.split("|")[1])
+        for line in err.splitlines()
+        if line.startswith("import time:")
+        and line.count("|") == 2
+        and not line.split("|")[1].strip().startswith("cumulative")
+    }
     heavy = sorted(m for m in modules if m.split(".")[0] in ("pystemd", "pyudev", "sdnotify"))
     total = modules.get("calico_mount_reaper.cli", 0) / 1000
-    return Row("1b imports", "`status` with no target: heavy modules imported",
-               ", ".join(heavy) or "none", goal="no pystemd/pyudev", met=not heavy,
-               note=f"calico_mount_reaper.cli imports in {total:.1f} ms cumulative")
+    return Row(
+        "1b imports",
+        "`status` with no target: heavy modules imported",
+        ", ".join(heavy) or "none",
+        goal="no pystemd/pyudev",
+        met=not heavy,
+        note=f"calico_mount_reaper.cli imports in {total:.1f} ms cumulative",
+    )
 
 
 # ---- daemon scenarios ----------------------------------------------------------------------------
+
 
 def _daemon(workdir: str, watch: Watch, config: str, **env: str) -> DaemonProc:
     daemon = DaemonProc(workdir, config, watch, env)
@@ -191,10 +272,16 @@ def detection_latency(size: Size) -> list[Row]:
             mounted = time.monotonic()
             appeared, listed = f"target {path} (cgroup2) appeared", f" {path}"
 
-            def both(appeared: str = appeared, listed: str = listed, since_d: int = since_d,
-                     since_f: int = since_f) -> tuple[float | None, float | None]:
-                return (first(daemon.stderr, appeared, since_d),  # type: ignore[arg-type]
-                        first(findmnt.out, listed, since_f))
+            def both(
+                appeared: str = appeared,
+                listed: str = listed,
+                since_d: int = since_d,
+                since_f: int = since_f,
+            ) -> tuple[float | None, float | None]:
+                return (
+                    first(daemon.stderr, appeared, since_d),  # type: ignore[arg-type]
+                    first(findmnt.out, listed, since_f),
+                )
 
             watch.until(lambda both=both: None not in both(), 10, appeared)
             seen_d, seen_f = both()
@@ -207,14 +294,27 @@ def detection_latency(size: Size) -> list[Row]:
     finally:
         findmnt.stop()
         daemon.stop()
-    rows = [ratio_row("2 detection latency", f"mount(2) -> daemon's \"appeared\" entry, p50, "
-                      f"{size.base} base mounts", Samples("ms", [ours.median]),
-                      "`findmnt --poll` prints it", Samples("ms", [peer.median]), 1.5,
-                      "p50 <= 1.5x findmnt")]
-    rows.append(Row("2 detection latency", "p99 / max", f"{fmt(ours.quantile(0.99))} / "
-                    f"{fmt(max(ours.values))} ms", "findmnt p99 / max",
-                    f"{fmt(peer.quantile(0.99))} / {fmt(max(peer.values))} ms",
-                    note=f"n={len(ours.values)}; min ours {fmt(min(ours.values))} ms"))
+    rows = [
+        ratio_row(
+            "2 detection latency",
+            f'mount(2) -> daemon\'s "appeared" entry, p50, {size.base} base mounts',
+            Samples("ms", [ours.median]),
+            "`findmnt --poll` prints it",
+            Samples("ms", [peer.median]),
+            1.5,
+            "p50 <= 1.5x findmnt",
+        )
+    ]
+    rows.append(
+        Row(
+            "2 detection latency",
+            "p99 / max",
+            f"{fmt(ours.quantile(0.99))} / {fmt(max(ours.values))} ms",
+            "findmnt p99 / max",
+            f"{fmt(peer.quantile(0.99))} / {fmt(max(peer.values))} ms",
+            note=f"n={len(ours.values)}; min ours {fmt(min(ours.values))} ms",
+        )
+    )
     return rows
 
 
@@ -279,16 +379,33 @@ def storm(size: Size) -> list[Row]:
     ratio = used_d / used_f if used_f else float("inf")
     events = 2 * size.storm_pairs
     return [
-        Row("3 storm", f"CPU for {size.storm_pairs} mount+umount pairs over {size.base} mounts "
-            f"({events / took:.0f} events/s)", f"{used_d:.2f} s", "`findmnt --poll`",
-            f"{used_f:.2f} s", ratio, "<= 0.5x", ratio <= 0.5,
-            f"findmnt printed {findmnt_lines} lines"),
-        Row("3 storm", "final view matches the table",
+        Row(
+            "3 storm",
+            f"CPU for {size.storm_pairs} mount+umount pairs over {size.base} mounts "
+            f"({events / took:.0f} events/s)",
+            f"{used_d:.2f} s",
+            "`findmnt --poll`",
+            f"{used_f:.2f} s",
+            ratio,
+            "<= 0.5x",
+            ratio <= 0.5,
+            f"findmnt printed {findmnt_lines} lines",
+        ),
+        Row(
+            "3 storm",
+            "final view matches the table",
             f"daemon: {seen}, metrics targets_mounted={mounted[1] if mounted else '?'}",
-            "real table", str(real), goal="equal", met=seen == real and bool(mounted)
-            and float(mounted[1]) == len(real)),
-        Row("3 storm", "full table re-reads (whole run, from the STOPPING entry)", str(rereads),
-            note=f"storm lasted {took:.2f} s; re-reads are >= 0.2 s apart by design"),
+            "real table",
+            str(real),
+            goal="equal",
+            met=seen == real and bool(mounted) and float(mounted[1]) == len(real),
+        ),
+        Row(
+            "3 storm",
+            "full table re-reads (whole run, from the STOPPING entry)",
+            str(rereads),
+            note=f"storm lasted {took:.2f} s; re-reads are >= 0.2 s apart by design",
+        ),
     ]
 
 
@@ -309,8 +426,9 @@ def owner_exit(size: Size) -> list[Row]:
             try:
                 since = len(daemon.stderr.lines)  # type: ignore[union-attr]
                 mount_target(path)
-                daemon.wait_log(f"{path}: left alone, in use by calico-node (pid {owner.pid})",
-                                since)
+                daemon.wait_log(
+                    f"{path}: left alone, in use by calico-node (pid {owner.pid})", since
+                )
                 table.read()
                 start = time.monotonic()
             finally:
@@ -331,13 +449,21 @@ def owner_exit(size: Size) -> list[Row]:
     finally:
         table.close()
         daemon.stop()
-    return [Row("4 owner exit", f"last calico-node exits -> mount gone (grace 0), {size.base} "
-                "base mounts", took.summary(), goal="p50 < 20 ms", met=took.median < 20,
-                note=f"p99 {fmt(took.quantile(0.99))} ms")]
+    return [
+        Row(
+            "4 owner exit",
+            f"last calico-node exits -> mount gone (grace 0), {size.base} base mounts",
+            took.summary(),
+            goal="p50 < 20 ms",
+            met=took.median < 20,
+            note=f"p99 {fmt(took.quantile(0.99))} ms",
+        )
+    ]
 
 
-UNIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "systemd",
-                    "calico-mount-reaper.service")
+UNIT = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "systemd", "calico-mount-reaper.service"
+)
 
 
 def unit_watchdog_seconds(unit: str = UNIT) -> float:
@@ -367,8 +493,13 @@ def idle(size: Size) -> list[Row]:
         daemon.wait_log("left alone, in use by calico-node")
         # The peer: a bare Python loop waking as often as the daemon pings, so the cost this
         # machine charges a Python process per wake-up is measured side by side.
-        peer = subprocess.Popen([sys.executable, "-c", "import select\nep = select.epoll()\n"
-                                 f"while True: ep.poll({every:g})"])
+        peer = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                f"import select\nep = select.epoll()\nwhile True: ep.poll({every:g})",
+            ]
+        )
         watch.sleep(1.0)
         pings_before = sum(1 for _, m in daemon.notify.lines if "WATCHDOG=1" in m)
         cpu0, (vol0, _) = thread_cpu_ns(daemon.pid), context_switches(daemon.pid)
@@ -394,17 +525,34 @@ def idle(size: Size) -> list[Row]:
     # The rescan rides on the pings; one wake of slack for a ping at the window's edge.
     allowed = pings + 1
     return [
-        Row("5 idle", f"CPU over {size.idle_seconds:g} s (the unit's WatchdogSec={watchdog:g}s: "
+        Row(
+            "5 idle",
+            f"CPU over {size.idle_seconds:g} s (the unit's WatchdogSec={watchdog:g}s: "
             f"a ping every {every:g} s, the rescan on the same wake; one target in use)",
             f"{share:.4f}% of a core ({(cpu1 - cpu0) / 1e6:.1f} ms)",
             f"bare Python epoll loop waking every {every:g} s ({peer_vol1 - peer_vol0} wake-ups)",
             f"{peer_share:.4f}% ({(peer1 - peer0) / 1e6:.1f} ms)",
-            ratio=share / peer_share if peer_share else None, goal="<= 0.05%",
-            met=share <= 0.05),
-        Row("5 idle", "wake-ups (voluntary context switches)", str(wakes),
-            "watchdog pings sent", str(pings), goal="<= pings + 1", met=wakes <= allowed),
-        Row("5 idle", "RSS", f"{min(rss):.1f} .. {max(rss):.1f} MB", goal="<= 30 MB, flat",
-            met=max(rss) <= 30 and max(rss) - min(rss) <= 1.0, note=f"{len(rss)} samples"),
+            ratio=share / peer_share if peer_share else None,
+            goal="<= 0.05%",
+            met=share <= 0.05,
+        ),
+        Row(
+            "5 idle",
+            "wake-ups (voluntary context switches)",
+            str(wakes),
+            "watchdog pings sent",
+            str(pings),
+            goal="<= pings + 1",
+            met=wakes <= allowed,
+        ),
+        Row(
+            "5 idle",
+            "RSS",
+            f"{min(rss):.1f} .. {max(rss):.1f} MB",
+            goal="<= 30 MB, flat",
+            met=max(rss) <= 30 and max(rss) - min(rss) <= 1.0,
+            note=f"{len(rss)} samples",
+        ),
     ]
 
 
@@ -419,8 +567,15 @@ def start_stop(size: Size) -> list[Row]:
         daemon.start()
         ready.add((daemon.wait_notify("READY=1", 30) - daemon.started_at) * 1000)
         daemon.stop()
-    rows = [Row("6 start", f"exec -> READY=1, {size.base} base mounts, 1 target, no D-Bus",
-                ready.summary(), goal="< 300 ms", met=ready.median < 300)]
+    rows = [
+        Row(
+            "6 start",
+            f"exec -> READY=1, {size.base} base mounts, 1 target, no D-Bus",
+            ready.summary(),
+            goal="< 300 ms",
+            met=ready.median < 300,
+        )
+    ]
     detach("/run/calico/cgroup")
 
     stop = Samples("ms")
@@ -432,15 +587,24 @@ def start_stop(size: Size) -> list[Row]:
         took, code = daemon.stop()
         assert code == 0 and mounts_at(point) == 0, daemon.log()
         stop.add(took * 1000)
-    rows.append(Row("6 stop", "SIGTERM -> exit, final reap of 10 cgroup2 targets stacked with "
-                    "tmpfs between (19 mounts)", stop.summary(), goal="< 100 ms",
-                    met=stop.median < 100))
+    rows.append(
+        Row(
+            "6 stop",
+            "SIGTERM -> exit, final reap of 10 cgroup2 targets stacked with "
+            "tmpfs between (19 mounts)",
+            stop.summary(),
+            goal="< 100 ms",
+            met=stop.median < 100,
+        )
+    )
 
     ours, peer = Samples("ms"), Samples("ms")
     reaper = reaper_command()
     # k3s-killall.sh's do_unmount_and_remove, minus its `rm -rf`: never rm inside a cgroupfs.
-    killall = ("while read -r _ path _; do case \"$path\" in /run/calico*) echo \"$path\" ;; "
-               "esac; done < /proc/self/mounts | sort -r | xargs -r -n 1 sh -c 'umount -f \"$0\"'")
+    killall = (
+        'while read -r _ path _; do case "$path" in /run/calico*) echo "$path" ;; '
+        "esac; done < /proc/self/mounts | sort -r | xargs -r -n 1 sh -c 'umount -f \"$0\"'"
+    )
     for i in range(2 * size.stack_repeats):
         stack(point, size.deep_stack)
         if i % 2 == 0:
@@ -448,9 +612,18 @@ def start_stop(size: Size) -> list[Row]:
         else:
             peer.add(run_quiet(["sh", "-c", killall]))
         assert mounts_at(point) == 0, f"stack left behind (round {i})"
-    rows.append(ratio_row("6 reap stack", f"{size.deep_stack} stacked mounts at one path, "
-                          "`reap --force`", ours, "k3s-killall umount loop", peer, None, "ratio",
-                          note="whole process each"))
+    rows.append(
+        ratio_row(
+            "6 reap stack",
+            f"{size.deep_stack} stacked mounts at one path, `reap --force`",
+            ours,
+            "k3s-killall umount loop",
+            peer,
+            None,
+            "ratio",
+            note="whole process each",
+        )
+    )
     return rows
 
 

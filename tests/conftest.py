@@ -1,7 +1,7 @@
 """Session-wide guard: the host's own mount table must be exactly as the tests found it.
 
-Every real mount belongs in a private namespace (tests/support/nsutil.py). If a test leaks one into the
-host's namespace, the whole run fails and names the difference.
+Every real mount belongs in a private namespace (tests/support/nsutil.py). If a test leaks one
+into the host's namespace, the whole run fails and names the difference.
 """
 
 from __future__ import annotations

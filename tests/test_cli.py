@@ -31,8 +31,13 @@ def test_status_lists_targets_then_reap_removes_them() -> None:
     status, code, reap, table = in_namespace(_status_and_reap)
     points = sorted(t["mount_point"] for t in status["targets"])  # type: ignore[union-attr,index]
     assert points == sorted(
-        ["/run/calico/cgroup", "/run/calico/bpffs", "/run/calico/felix-cgroup",
-         "/run/cilium/cgroupv2", node.WEIRD_TARGET]
+        [
+            "/run/calico/cgroup",
+            "/run/calico/bpffs",
+            "/run/calico/felix-cgroup",
+            "/run/cilium/cgroupv2",
+            node.WEIRD_TARGET,
+        ]
     )
     assert {t["verdict"] for t in status["targets"]} == {"orphaned"}  # type: ignore[union-attr,index]
     assert status["schema"] == 1 and status["exit_code"] == 0
@@ -105,8 +110,10 @@ def test_config_from_the_environment_is_used_and_checked() -> None:
 def test_check_config_shows_the_targets(tmp_path: object) -> None:
     path = os.path.join(str(tmp_path), "ok.toml")
     with open(path, "w") as f:
-        f.write('[[target]]\nname = "custom"\nprefix = "/var/run/custom"\n'
-                'fstypes = ["cgroup2"]\nowners = ["calico-node"]\n')
+        f.write(
+            '[[target]]\nname = "custom"\nprefix = "/var/run/custom"\n'
+            'fstypes = ["cgroup2"]\nowners = ["calico-node"]\n'
+        )
     out = cli("check-config", path)
     assert out.returncode == 0, out.stderr
     assert "target custom: /run/custom (cgroup2)" in out.stdout
@@ -121,7 +128,8 @@ def test_usage_error_exits_2() -> None:
 def test_reap_without_cap_sys_admin_exits_77_with_what_to_do() -> None:
     out = subprocess.run(
         ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", *CLI, "reap"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 77, out.stderr
     assert "run as root" in out.stderr

@@ -67,12 +67,18 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     assert (c.grace_period, c.rescan_interval, c.reap_on_stop) == (2.5, 30.0, "always")
     assert (c.busy_retries, c.busy_backoff, c.remove_mount_point) == (0, 0.0, False)
     assert (c.kubelet_unit, c.metrics_path) == (
-        "kubelet-custom.service", "/var/lib/node_exporter/reaper.prom"
+        "kubelet-custom.service",
+        "/var/lib/node_exporter/reaper.prom",
     )
     # The prefix is stored normalized: /var/run folded, trailing slash dropped.
     assert c.rules == (
-        Rule("calico-custom", "/run/calico-custom", frozenset({"cgroup2"}), ("calico-node",),
-             detach_on_busy=False),
+        Rule(
+            "calico-custom",
+            "/run/calico-custom",
+            frozenset({"cgroup2"}),
+            ("calico-node",),
+            detach_on_busy=False,
+        ),
     )
 
 

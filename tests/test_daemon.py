@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from tests.support.daemon_harness import DaemonRun, owner_exe
 from tests.support.system_bus import Bus
 
@@ -86,8 +87,9 @@ def test_with_metrics_every_rescan_is_a_pass_that_refreshes_the_last_pass_time(
     config = f'grace_period = 100\nrescan_interval = 1\nmetrics_path = "{prom}"\n'
 
     def last_pass() -> float:
-        found = re.search(r"^calico_mount_reaper_last_pass_timestamp_seconds (\S+)$",
-                          prom.read_text(), re.M)
+        found = re.search(
+            r"^calico_mount_reaper_last_pass_timestamp_seconds (\S+)$", prom.read_text(), re.M
+        )
         assert found, prom.read_text()
         return float(found.group(1))
 
@@ -105,8 +107,9 @@ def test_with_metrics_every_rescan_is_a_pass_that_refreshes_the_last_pass_time(
 def test_pings_come_every_rescan_interval_when_that_is_shorter(tmp_path: Path) -> None:
     # WatchdogSec=20s asks for a ping every 10 s; the 1 s safety-net rescan shares the ping's
     # wake instead of waking the loop on its own.
-    with DaemonRun(tmp_path, config="rescan_interval = 1\n",
-                   env={"WATCHDOG_USEC": "20000000"}) as run:
+    with DaemonRun(
+        tmp_path, config="rescan_interval = 1\n", env={"WATCHDOG_USEC": "20000000"}
+    ) as run:
         run.start()
         start = run.wait_notify("READY=1")
         run.collect(3.5)
@@ -264,14 +267,25 @@ def test_a_bad_config_at_start_exits_78(daemon: DaemonRun) -> None:
 
 def test_without_cap_sys_admin_it_exits_77_and_says_why(tmp_path: Path) -> None:
     out = subprocess.run(
-        ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", sys.executable, "-m",
-         "calico_mount_reaper", "run"], capture_output=True, text=True, timeout=30,
+        [
+            "setpriv",
+            "--bounding-set=-sys_admin",
+            "--inh-caps=-sys_admin",
+            sys.executable,
+            "-m",
+            "calico_mount_reaper",
+            "run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 77
     assert "CAP_SYS_ADMIN" in out.stderr
 
 
-# ---- with systemd on a bus: a real dbus-daemon and a fake systemd/logind (tests/support/system_bus.py) --
+# ---- with systemd on a bus: a real dbus-daemon and a fake systemd/logind ------------------------
+# (tests/support/system_bus.py)
 
 
 @pytest.fixture
@@ -357,12 +371,13 @@ def _garbage_lines_in_the_table() -> tuple[str, int]:
     import io
     import logging
 
-    from tests.support import node
     from calico_mount_reaper import journal, mountinfo
     from calico_mount_reaper.config import Config
     from calico_mount_reaper.daemon import Daemon
     from calico_mount_reaper.notify import Notifier
     from calico_mount_reaper.sources.mountinfo import MountTableWatch
+
+    from tests.support import node
 
     class GarbledWatch(MountTableWatch):
         """Stands in for a kernel that writes malformed lines (a real one never does)."""

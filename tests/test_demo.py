@@ -10,7 +10,9 @@ def test_demo_shows_the_failure_then_the_fix_and_touches_nothing_on_the_host() -
     with open("/proc/self/mountinfo") as f:
         before = f.read()
     out = subprocess.run(
-        [sys.executable, "-m", "calico_mount_reaper", "demo"], capture_output=True, text=True,
+        [sys.executable, "-m", "calico_mount_reaper", "demo"],
+        capture_output=True,
+        text=True,
         timeout=60,
     )
     with open("/proc/self/mountinfo") as f:

@@ -43,6 +43,7 @@ def custom_config(*prefixes: str) -> Config:
 
 # --------------------------------------------------------------------------- escaping
 
+
 @pytest.mark.parametrize(("path", "escaped"), sorted(ROOT_EXAMPLES.items()))
 def test_escape_path_examples(path: str, escaped: str) -> None:
     assert install.escape_path(path) == escaped
@@ -50,15 +51,22 @@ def test_escape_path_examples(path: str, escaped: str) -> None:
 
 @pytest.mark.skipif(shutil.which("systemd-escape") is None, reason="systemd-escape not installed")
 @settings(max_examples=150, deadline=None)
-@given(st.lists(
-    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"),
-            min_size=1, max_size=8).filter(lambda s: s not in (".", "..")),
-    min_size=1, max_size=4,
-))
+@given(
+    st.lists(
+        st.text(
+            st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"),
+            min_size=1,
+            max_size=8,
+        ).filter(lambda s: s not in (".", "..")),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_escape_path_agrees_with_systemd_escape(parts: list[str]) -> None:
     path = "/" + "/".join(parts)
-    real = subprocess.run(["systemd-escape", "--path", "--", path],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    real = subprocess.run(
+        ["systemd-escape", "--path", "--", path], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert install.escape_path(path) == real
 
 
@@ -69,6 +77,7 @@ def test_mount_unit_names_the_builtin_targets_as_the_unit_orders_them() -> None:
 
 
 # --------------------------------------------------------------------------- rendering
+
 
 def test_render_replaces_every_command_path_and_nothing_else() -> None:
     files = install.planned(Config(), "/opt/venv/bin/calico-mount-reaper")
@@ -97,6 +106,7 @@ def test_custom_targets_get_an_after_dropin_with_escaped_mount_units() -> None:
 
 
 # --------------------------------------------------------------------------- install
+
 
 class Recorder:
     def __init__(self, returncode: int = 0) -> None:
@@ -141,8 +151,10 @@ def test_install_rewrites_a_changed_command_path(tmp_path: Path) -> None:
     install.install(tmp_path, Config(), "/usr/local/bin/calico-mount-reaper", Recorder())
     moved = install.install(tmp_path, Config(), "/opt/bin/calico-mount-reaper", Recorder())
     assert f"/{install.UNIT_DIR}/{install.UNIT}" in moved.written
-    assert "ExecStart=/opt/bin/calico-mount-reaper run" in (
-        tmp_path / install.UNIT_DIR / install.UNIT).read_text()
+    assert (
+        "ExecStart=/opt/bin/calico-mount-reaper run"
+        in (tmp_path / install.UNIT_DIR / install.UNIT).read_text()
+    )
 
 
 def test_catalog_update_runs_only_on_the_real_root(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,15 +175,19 @@ def test_installed_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     install.install(tmp_path, Config(), command, Recorder())
     done = subprocess.run(
         ["systemd-analyze", "verify", str(tmp_path / install.UNIT_DIR / install.UNIT)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr
 
 
 # --------------------------------------------------------------------------- command line
 
-def test_find_command_prefers_argv0_then_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              ) -> None:
+
+def test_find_command_prefers_argv0_then_path(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     own = "/opt/x/bin/calico-mount-reaper"
     assert install.find_command(own) == own
     fake = tmp_path / "calico-mount-reaper"
@@ -184,12 +200,15 @@ def test_find_command_prefers_argv0_then_path(tmp_path: Path, monkeypatch: pytes
 
 
 def test_cli_install_units_under_a_root_uses_that_roots_config(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     conf = tmp_path / "etc/calico-mount-reaper/config.toml"
     conf.parent.mkdir(parents=True)
-    conf.write_text('[[target]]\nname = "c"\nprefix = "/run/calico-custom"\n'
-                    'fstypes = ["cgroup2"]\nowners = ["calico-node"]\n')
+    conf.write_text(
+        '[[target]]\nname = "c"\nprefix = "/run/calico-custom"\n'
+        'fstypes = ["cgroup2"]\nowners = ["calico-node"]\n'
+    )
     assert cli.main(["install-units", "--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"under {tmp_path}" in out and "wrote" in out
@@ -198,7 +217,8 @@ def test_cli_install_units_under_a_root_uses_that_roots_config(
 
 
 def test_cli_install_units_bad_config_is_exit_78_and_writes_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("grace_period = -1\n")

@@ -1,9 +1,9 @@
 """journal.py against a real journal socket.
 
 libsystemd's sender only ever talks to /run/systemd/journal/socket, so the tests that need a
-journal run in a private mount namespace (tests/support/nsutil.py, fresh tmpfs over /run) and bind a real
-AF_UNIX datagram socket there; the datagrams are parsed as journald would parse them (the native
-protocol: ``KEY=value\\n``, or ``KEY\\n`` + 64-bit LE length + raw bytes + ``\\n``).
+journal run in a private mount namespace (tests/support/nsutil.py, fresh tmpfs over /run) and
+bind a real AF_UNIX datagram socket there; the datagrams are parsed as journald would parse them
+(the native protocol: ``KEY=value\\n``, or ``KEY\\n`` + 64-bit LE length + raw bytes + ``\\n``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from calico_mount_reaper.journal import (
     choose_sink,
     event,
 )
+
 from tests.support.nsutil import in_namespace
 
 ODD_MOUNT_POINT = "/run/calico/a b\ncgroup"
@@ -94,7 +95,10 @@ def _send_event() -> dict[str, Any]:
     err = io.StringIO()
     logger = _logger(JournalHandler(StderrHandler(err, prefixed=True)), "t.journal.event")
     fields: dict[str, Any] = {
-        "mount_point": ODD_MOUNT_POINT, "MOUNT_ID": 42, "fstype": "cgroup2", "source": UNDECODABLE
+        "mount_point": ODD_MOUNT_POINT,
+        "MOUNT_ID": 42,
+        "fstype": "cgroup2",
+        "source": UNDECODABLE,
     }
     line = _line_of_next_event()
     event(logger, "REAPED", f"unmounted {ODD_MOUNT_POINT}", level=logging.WARNING, **fields)
@@ -142,8 +146,14 @@ def _extra_and_traceback() -> dict[str, Any]:
         raise RuntimeError("boom")
     except RuntimeError:
         logger.exception(
-            "pass failed", extra={"journal": {"MESSAGE_ID": MESSAGE_IDS["REAP_FAILED"],
-                                              "result": "error", "bad-name": "x"}}
+            "pass failed",
+            extra={
+                "journal": {
+                    "MESSAGE_ID": MESSAGE_IDS["REAP_FAILED"],
+                    "result": "error",
+                    "bad-name": "x",
+                }
+            },
         )
     return {"raw": sock.recv(1 << 20)}
 
@@ -320,8 +330,18 @@ def test_message_ids_are_stable_distinct_128_bit_ids() -> None:
     for value in MESSAGE_IDS.values():
         assert re.fullmatch(r"[0-9a-f]{32}", value)
     assert set(MESSAGE_IDS) == {
-        "TARGET_APPEARED", "TARGET_GONE", "VERDICT", "REAPED", "REAP_REFUSED", "REAP_FAILED",
-        "BUSY", "DEGRADED", "CONFIG_REJECTED", "STARTED", "STOPPING", "WRONG_NAMESPACE",
+        "TARGET_APPEARED",
+        "TARGET_GONE",
+        "VERDICT",
+        "REAPED",
+        "REAP_REFUSED",
+        "REAP_FAILED",
+        "BUSY",
+        "DEGRADED",
+        "CONFIG_REJECTED",
+        "STARTED",
+        "STOPPING",
+        "WRONG_NAMESPACE",
     }
 
 
@@ -380,7 +400,9 @@ def test_journalctl_accepts_the_catalog(tmp_path: Path) -> None:
     assert (update.returncode, update.stderr) == (0, "")
     listed = subprocess.run(
         ["journalctl", f"--root={tmp_path}", "--list-catalog"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.splitlines()
     ids = {line.split(" ", 1)[0] for line in listed}
     assert ids == set(MESSAGE_IDS.values())

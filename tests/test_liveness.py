@@ -56,7 +56,8 @@ def test_find_owners() -> None:
     # One process can answer to two names (comm one, argv0 the other).
     both = [Process(5, "calico-felix", "calico-node")]
     assert find_owners(both, ["calico-node", "calico-felix"]) == {
-        "calico-node": (5,), "calico-felix": (5,)
+        "calico-node": (5,),
+        "calico-felix": (5,),
     }
 
 

@@ -17,6 +17,7 @@ from calico_mount_reaper.mountinfo import (
 )
 from hypothesis import given
 from hypothesis import strategies as st
+
 from tests.support.nsutil import in_namespace, mount
 from tests.support.strategies import parsed_mount_lists, path_text, render
 
@@ -51,7 +52,11 @@ def test_proc5_example_gives_every_field() -> None:
 def test_calico_line() -> None:
     m = parse_line(CALICO_LINE)
     assert (m.mount_id, m.parent_id, m.mount_point, m.fstype, m.source) == (
-        1201, 29, "/run/calico/cgroup", "cgroup2", "none"
+        1201,
+        29,
+        "/run/calico/cgroup",
+        "cgroup2",
+        "none",
     )
     assert m.propagation == "shared"
 

@@ -31,8 +31,10 @@ DEB_VERSION = f"{VERSION}-1"
 # packaging/build runs with this PATH (the distribution's Python, not pyenv's).
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 BUILD_TOOLS = ("dpkg-buildpackage", "dh", "pybuild", "rpmbuild", "lintian")
-BUILD_DEPS = ("dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all "
-              "python3-setuptools lintian rpm")
+BUILD_DEPS = (
+    "dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all "
+    "python3-setuptools lintian rpm"
+)
 
 # Files besides the Python package itself (whose modules are compared with the source tree).
 DEB_FILES = {
@@ -106,6 +108,7 @@ def source_modules() -> set[str]:
 
 # --------------------------------------------------------------------------- default config
 
+
 def test_default_config_parses_to_the_builtin_defaults() -> None:
     assert load_file(str(DEFAULT_CONFIG)) == Config()
 
@@ -134,15 +137,20 @@ def test_default_config_target_example_is_valid() -> None:
 
 # --------------------------------------------------------------------------- build script
 
+
 def test_build_names_a_missing_unit_file(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     top_level_only = {".git", "tests", "dist", "build"}  # packaging/build must come along
-    shutil.copytree(REPO, tree, ignore=lambda d, names: top_level_only.intersection(names)
-                    if Path(d) == REPO else set())
+    shutil.copytree(
+        REPO,
+        tree,
+        ignore=lambda d, names: top_level_only.intersection(names) if Path(d) == REPO else set(),
+    )
     (tree / "systemd/kubelet.service.d/50-calico-mount-reaper.conf").unlink()
     done = subprocess.run(
         [str(tree / "packaging/build"), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode != 0
     assert "systemd/kubelet.service.d/50-calico-mount-reaper.conf is missing" in done.stderr
@@ -151,37 +159,52 @@ def test_build_names_a_missing_unit_file(tmp_path: Path) -> None:
 
 def test_build_writes_the_packages_where_asked(packages: Path) -> None:
     names = {p.name for p in packages.iterdir()}
-    assert {deb(packages).name, rpm(packages).name,
-            f"calico-mount-reaper-{DEB_VERSION}.src.rpm"} <= names
+    assert {
+        deb(packages).name,
+        rpm(packages).name,
+        f"calico-mount-reaper-{DEB_VERSION}.src.rpm",
+    } <= names
     assert not (REPO / "debian").exists(), "the build must not write debian/ into the checkout"
 
 
 # --------------------------------------------------------------------------- Debian package
 
+
 def test_deb_control_fields(packages: Path) -> None:
-    fields = run("dpkg-deb", "-f", str(deb(packages)), "Package", "Version", "Architecture",
-                 "Section", "Depends")
+    fields = run(
+        "dpkg-deb",
+        "-f",
+        str(deb(packages)),
+        "Package",
+        "Version",
+        "Architecture",
+        "Section",
+        "Depends",
+    )
     control = dict(line.split(": ", 1) for line in fields.splitlines())
     assert control["Package"] == "calico-mount-reaper"
     assert control["Version"] == DEB_VERSION
     assert control["Architecture"] == "all"
     assert control["Section"] == "admin"
     depends = [d.strip() for d in control["Depends"].split(",")]
-    for wanted in ("python3 (>= 3.9)", "python3-pystemd (>= 0.11)", "python3-pyudev",
-                   "python3-sdnotify"):
+    for wanted in (
+        "python3 (>= 3.9)",
+        "python3-pystemd (>= 0.11)",
+        "python3-pyudev",
+        "python3-sdnotify",
+    ):
         assert wanted in depends, control["Depends"]
 
 
 def deb_paths(packages: Path) -> set[str]:
     names = run("dpkg-deb", "-c", str(deb(packages)))
-    return {line.split()[-1].lstrip(".") for line in names.splitlines()
-            if not line.startswith("d")}
+    return {line.split()[-1].lstrip(".") for line in names.splitlines() if not line.startswith("d")}
 
 
 def test_deb_file_list(packages: Path) -> None:
     paths = deb_paths(packages)
     site = "/usr/lib/python3/dist-packages/calico_mount_reaper/"
-    modules = {p[len(site):] for p in paths if p.startswith(site) and p.endswith(".py")}
+    modules = {p[len(site) :] for p in paths if p.startswith(site) and p.endswith(".py")}
     assert modules == source_modules()
     others = {p for p in paths if not p.startswith("/usr/lib/python3/dist-packages/")}
     presets = {p for p in others if p.startswith("/lib/systemd/system-preset/")}
@@ -196,13 +219,13 @@ def test_deb_installs_the_units_from_systemd_dir_unchanged(packages: Path, tmp_p
     assert "ExecStart=/usr/bin/calico-mount-reaper run" in unit.read_text().splitlines()
     dropin = "kubelet.service.d/50-calico-mount-reaper.conf"
     assert (tmp_path / "lib/systemd/system" / dropin).read_text() == (
-        REPO / "systemd" / dropin).read_text()
+        REPO / "systemd" / dropin
+    ).read_text()
     entry = (tmp_path / "usr/bin/calico-mount-reaper").read_text().splitlines()[0]
     assert entry == "#!/usr/bin/python3"
 
 
-def test_deb_maintainer_scripts_enable_start_stop_and_purge(packages: Path,
-                                                           tmp_path: Path) -> None:
+def test_deb_maintainer_scripts_enable_start_stop_and_purge(packages: Path, tmp_path: Path) -> None:
     run("dpkg-deb", "-e", str(deb(packages)), str(tmp_path))
     assert (tmp_path / "conffiles").read_text().split() == ["/etc/calico-mount-reaper/config.toml"]
     postinst = (tmp_path / "postinst").read_text()
@@ -210,16 +233,21 @@ def test_deb_maintainer_scripts_enable_start_stop_and_purge(packages: Path,
     assert "deb-systemd-invoke $_dh_action 'calico-mount-reaper.service'" in postinst
     prerm = (tmp_path / "prerm").read_text()
     assert "deb-systemd-invoke stop 'calico-mount-reaper.service'" in prerm
-    assert "deb-systemd-helper purge 'calico-mount-reaper.service'" in (
-        tmp_path / "postrm").read_text()
+    assert (
+        "deb-systemd-helper purge 'calico-mount-reaper.service'"
+        in (tmp_path / "postrm").read_text()
+    )
 
 
 def test_lintian_has_no_errors_or_warnings_and_every_override_says_why(packages: Path) -> None:
     changes = packages / f"calico-mount-reaper_{DEB_VERSION}_amd64.changes"
     if not changes.exists():  # named after the build machine's architecture
         (changes,) = packages.glob("calico-mount-reaper_*.changes")
-    done = subprocess.run(["lintian", "--fail-on", "error,warning", "--pedantic", str(changes)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["lintian", "--fail-on", "error,warning", "--pedantic", str(changes)],
+        capture_output=True,
+        text=True,
+    )
     findings = [line for line in done.stdout.splitlines() if line[:2] in ("E:", "W:")]
     assert done.returncode == 0 and not findings, done.stdout + done.stderr
 
@@ -233,18 +261,22 @@ def test_lintian_has_no_errors_or_warnings_and_every_override_says_why(packages:
 
 # --------------------------------------------------------------------------- RPM
 
+
 def test_rpm_is_noarch_with_the_expected_files(packages: Path) -> None:
     arch_version = run("rpm", "-qp", "--qf", "%{ARCH} %{VERSION}", str(rpm(packages)))
     assert arch_version == f"noarch {VERSION}"
     paths = set(run("rpm", "-qlp", str(rpm(packages))).split())
     site = next(p for p in paths if p.endswith("/site-packages/calico_mount_reaper"))
-    modules = {p[len(site) + 1:] for p in paths if p.startswith(site + "/") and p.endswith(".py")}
+    modules = {p[len(site) + 1 :] for p in paths if p.startswith(site + "/") and p.endswith(".py")}
     assert modules == source_modules()
     others = {p for p in paths if "/site-packages/" not in p and not p.endswith("-packages")}
     presets = {p for p in others if p.startswith("/usr/lib/systemd/system-preset/")}
     assert [Path(p).name for p in presets] == [p.name for p in (REPO / "systemd").glob("*.preset")]
-    dirs = {"/etc/calico-mount-reaper", "/usr/lib/systemd/system/kubelet.service.d",
-            f"/usr/share/doc/calico-mount-reaper-{VERSION}"}
+    dirs = {
+        "/etc/calico-mount-reaper",
+        "/usr/lib/systemd/system/kubelet.service.d",
+        f"/usr/share/doc/calico-mount-reaper-{VERSION}",
+    }
     assert others - presets - dirs == RPM_FILES
 
 

@@ -21,7 +21,15 @@ from calico_mount_reaper.plan import Mode, Plan, Verdict, find_sites, plan
 from calico_mount_reaper.targets import BUILTIN_RULES, Rule, search_needles
 from hypothesis import given
 from hypothesis import strategies as st
-from tests.support.strategies import configs, corrupt_tables, kernel_tables, livenesses, modes, render
+
+from tests.support.strategies import (
+    configs,
+    corrupt_tables,
+    kernel_tables,
+    livenesses,
+    modes,
+    render,
+)
 
 CALICO, CILIUM = BUILTIN_RULES
 KUBELET_ACTIVE = KubeletState(active=True, source="dbus", detail="kubelet.service is active")
@@ -331,10 +339,12 @@ def test_c_actions_only_for_reaped_assessments_and_modes_honoured(
     for a in p.assessments:
         owners_alive = any(live.owners.get(name) for name in a.site.rule.owners)
         expected = (
-            Verdict.IN_USE if owners_alive
+            Verdict.IN_USE
+            if owners_alive
             # An unknown kubelet state (None) holds, like an active one: not knowing is not
             # "inactive".
-            else Verdict.HELD if live.kubelet.active is not False
+            else Verdict.HELD
+            if live.kubelet.active is not False
             else Verdict.ORPHANED
         )
         assert a.verdict is expected

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 
-from tests.support import node
 from calico_mount_reaper.config import Config
 from calico_mount_reaper.liveness import KubeletState, Liveness
 from calico_mount_reaper.plan import Mode, Verdict
 from calico_mount_reaper.reaper import run_pass
 from calico_mount_reaper.unmount import Result
+
+from tests.support import node
 from tests.support.nsutil import in_namespace
 
 ORPHANED = Liveness()

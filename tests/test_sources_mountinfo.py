@@ -12,6 +12,7 @@ from calico_mount_reaper.mountinfo import Mount
 from calico_mount_reaper.sources.mountinfo import Coalescer, MountTableWatch, diff
 from hypothesis import given
 from hypothesis import strategies as st
+
 from tests.support.nsutil import enter_private_namespace, in_namespace, mount
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -210,8 +211,16 @@ def test_diff_reports_a_remount_between_two_reads() -> None:
 
 def mk(mount_id: int, path: str, source: str = "none", parent: int = 1) -> Mount:
     return Mount(
-        mount_id=mount_id, parent_id=parent, major_minor="0:42", root="/", mount_point=path,
-        options="rw", optional_fields=(), fstype="cgroup2", source=source, super_options="rw",
+        mount_id=mount_id,
+        parent_id=parent,
+        major_minor="0:42",
+        root="/",
+        mount_point=path,
+        options="rw",
+        optional_fields=(),
+        fstype="cgroup2",
+        source=source,
+        super_options="rw",
     )
 
 

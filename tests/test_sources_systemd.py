@@ -2,7 +2,8 @@
 
 The bus daemon is real (a private ``dbus-daemon`` with a system-bus-like config in a temp dir),
 and pystemd talks sd-bus to it exactly as on a node. Only the peer is a stand-in
-(tests/support/fake_systemd.py), because PID 1 here is not systemd; real systemd is the e2e suite's job.
+(tests/support/fake_systemd.py), because PID 1 here is not systemd; real systemd is the e2e
+suite's job.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from calico_mount_reaper.sources.systemd import (
     SystemdWatch,
     unit_object_path,
 )
+
 from tests.support.system_bus import Bus
 
 pytest.importorskip("pystemd")
@@ -33,6 +35,7 @@ if shutil.which("dbus-daemon") is None:
     pytest.skip(
         "dbus-daemon is not installed (apt-get install dbus-daemon)", allow_module_level=True
     )
+
 
 @pytest.fixture
 def bus(tmp_path: Path) -> Iterator[Bus]:

@@ -16,6 +16,7 @@ from calico_mount_reaper.sources.udev import (
     UdevUnavailable,
     is_dataplane_interface,
 )
+
 from tests.support.nsutil import in_namespace
 
 
@@ -40,8 +41,19 @@ def collect(
 
 @pytest.mark.parametrize(
     "name",
-    ["cali1234abcd567", "vxlan.calico", "vxlan-v6.calico", "tunl0", "wireguard.cali", "wg-v6.cali",
-     "bpfin.cali", "bpfout.cali", "cilium_host", "cilium_vxlan", "calico2"],
+    [
+        "cali1234abcd567",
+        "vxlan.calico",
+        "vxlan-v6.calico",
+        "tunl0",
+        "wireguard.cali",
+        "wg-v6.cali",
+        "bpfin.cali",
+        "bpfout.cali",
+        "cilium_host",
+        "cilium_vxlan",
+        "calico2",
+    ],
 )
 def test_dataplane_names(name: str) -> None:
     # "calico2" matches too: the "cali*" is a prefix glob, and a false hint costs one
@@ -51,8 +63,20 @@ def test_dataplane_names(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["eth9", "lo", "vxlan0", "vxlan.calico0", "tunl1", "cilium", "wireguard.calico", "Cali1234",
-     "xcali1", "flannel.1", "lxc_health", ""],
+    [
+        "eth9",
+        "lo",
+        "vxlan0",
+        "vxlan.calico0",
+        "tunl1",
+        "cilium",
+        "wireguard.calico",
+        "Cali1234",
+        "xcali1",
+        "flannel.1",
+        "lxc_health",
+        "",
+    ],
 )
 def test_other_names(name: str) -> None:
     assert not is_dataplane_interface(name)
@@ -100,8 +124,13 @@ def _sibling_namespace_is_invisible() -> tuple[list[InterfaceEvent], list[Interf
     watch = InterfaceWatch()
     # The same links in a sibling network namespace: their uevents go to that namespace only.
     subprocess.run(
-        ["unshare", "-n", "sh", "-c",
-         "ip link add cali5678 type veth peer name eth8 && ip link del cali5678"],
+        [
+            "unshare",
+            "-n",
+            "sh",
+            "-c",
+            "ip link add cali5678 type veth peer name eth8 && ip link del cali5678",
+        ],
         check=True,
     )
     elsewhere = collect(watch, set(), timeout=0.3)

@@ -17,6 +17,7 @@ from calico_mount_reaper.targets import (
 )
 from hypothesis import given
 from hypothesis import strategies as st
+
 from tests.support.strategies import FSTYPES, PATH_POOL, mount_paths
 
 CALICO, CILIUM = BUILTIN_RULES
@@ -30,10 +31,14 @@ def at(path: str, fstype: str = "cgroup2") -> Mount:
 
 def test_builtin_rules() -> None:
     assert (CALICO.prefix, CALICO.fstypes, CALICO.owners) == (
-        "/run/calico", frozenset({"cgroup2", "bpf"}), ("calico-node", "calico-felix")
+        "/run/calico",
+        frozenset({"cgroup2", "bpf"}),
+        ("calico-node", "calico-felix"),
     )
     assert (CILIUM.prefix, CILIUM.fstypes, CILIUM.owners) == (
-        "/run/cilium/cgroupv2", frozenset({"cgroup2"}), ("cilium-agent",)
+        "/run/cilium/cgroupv2",
+        frozenset({"cgroup2"}),
+        ("cilium-agent",),
     )
     assert CALICO.detach_on_busy and CILIUM.detach_on_busy
 
@@ -104,10 +109,27 @@ def test_normalize_path(path: str, norm: str) -> None:
 @pytest.mark.parametrize(
     "path",
     [
-        "/", "//", "/proc", "/proc/1/ns", "/proc/sys/fs/binfmt_misc", "/sys", "/sys/kernel/debug",
-        "/sys/fs/cgroup", "/sys/fs/cgroup/", "/sys/fs/cgroup/kubepods.slice/x", "/sys/fs/bpf",
-        "/dev", "/dev/shm", "/dev/pts", "/dev/mqueue", "/run", "/run/", "/var/run", "/var/run/",
-        "/run/calico/../..", "/run/calico/../../sys/fs/cgroup",
+        "/",
+        "//",
+        "/proc",
+        "/proc/1/ns",
+        "/proc/sys/fs/binfmt_misc",
+        "/sys",
+        "/sys/kernel/debug",
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/",
+        "/sys/fs/cgroup/kubepods.slice/x",
+        "/sys/fs/bpf",
+        "/dev",
+        "/dev/shm",
+        "/dev/pts",
+        "/dev/mqueue",
+        "/run",
+        "/run/",
+        "/var/run",
+        "/var/run/",
+        "/run/calico/../..",
+        "/run/calico/../../sys/fs/cgroup",
     ],
 )
 def test_deny_list_wins_over_every_rule(path: str) -> None:
@@ -117,8 +139,19 @@ def test_deny_list_wins_over_every_rule(path: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/run/calico", "/run/user/0", "/var/run/calico", "/procx", "/system", "/devices",
-             "/var", "/var/lib/kubelet", "/runner", "/home/sys"],
+    "path",
+    [
+        "/run/calico",
+        "/run/user/0",
+        "/var/run/calico",
+        "/procx",
+        "/system",
+        "/devices",
+        "/var",
+        "/var/lib/kubelet",
+        "/runner",
+        "/home/sys",
+    ],
 )
 def test_not_denied(path: str) -> None:
     assert not is_denied(path)
@@ -179,5 +212,5 @@ def test_rule_for_never_returns_a_rule_for_a_denied_path_or_outside_its_prefix(
     norm, prefix = _oracle_norm(path), PurePosixPath(rule.prefix)
     assert norm == prefix or prefix in norm.parents
     # Component-wise: the next character after the prefix text is a separator or the end.
-    rest = str(norm)[len(rule.prefix):]
+    rest = str(norm)[len(rule.prefix) :]
     assert rule.prefix == "/" or rest == "" or rest.startswith("/")

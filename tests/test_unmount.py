@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 
-from tests.support import node
 from calico_mount_reaper import mountinfo
 from calico_mount_reaper.mountinfo import Mount
 from calico_mount_reaper.unmount import (
@@ -16,6 +15,8 @@ from calico_mount_reaper.unmount import (
     remove_mount_point,
     unmount_planned,
 )
+
+from tests.support import node
 from tests.support.nsutil import in_namespace
 
 FAST = BusyPolicy(retries=2, backoff=0.01)
@@ -53,8 +54,11 @@ def _symlink_swapped_in() -> tuple[Result, str, bool, bool]:
     os.symlink("/run/other", "/run/calico/cgroup")
     outcome = unmount_planned(planned, FAST, detach_allowed=True)
     ids = _ids()
-    return outcome.result, outcome.detail, planned.mount_id in ids, (
-        _mount_record("/run/other").mount_id in ids
+    return (
+        outcome.result,
+        outcome.detail,
+        planned.mount_id in ids,
+        (_mount_record("/run/other").mount_id in ids),
     )
 
 

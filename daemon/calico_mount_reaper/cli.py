@@ -45,7 +45,8 @@ CAP_SYS_ADMIN = 21
 def display_path(path: str) -> str:
     """A path safe to print on one line: control bytes, spaces and backslashes as octal."""
     return "".join(
-        f"\\{ord(c):03o}" if (c.isspace() or c == "\\" or not c.isprintable()) and ord(c) < 256
+        f"\\{ord(c):03o}"
+        if (c.isspace() or c == "\\" or not c.isprintable()) and ord(c) < 256
         else c
         for c in path
     )
@@ -209,7 +210,9 @@ def cmd_reap(args: argparse.Namespace, config: Config) -> int:
     if not args.dry_run and journal.choose_sink(sys.stderr) is journal.Sink.JOURNAL:
         log = journal.setup()
     report = run_pass(
-        config, _mode(args), dry_run=args.dry_run,
+        config,
+        _mode(args),
+        dry_run=args.dry_run,
         on_outcome=None if log is None else partial(journal_outcome, log),
     )
     if log is not None:
@@ -227,10 +230,17 @@ def _journal_decisions(log: logging.Logger, report: PassReport) -> None:
     journal_report(log, report)
     for a in report.assessments:
         if not a.reap:
-            journal.event(log, "VERDICT", f"{a.site.mount_point}: left alone, {a.reason}",
-                          mount_point=a.site.mount_point, mount_id=a.site.roots[0].mount_id,
-                          fstype=a.site.roots[0].fstype, target=a.site.rule.name,
-                          reason=a.reason, result="refused")
+            journal.event(
+                log,
+                "VERDICT",
+                f"{a.site.mount_point}: left alone, {a.reason}",
+                mount_point=a.site.mount_point,
+                mount_id=a.site.roots[0].mount_id,
+                fstype=a.site.roots[0].fstype,
+                target=a.site.rule.name,
+                reason=a.reason,
+                result="refused",
+            )
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -252,8 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
         "77 not permitted (run as root), 78 configuration error.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    config_help = ("config file (default: $CALICO_MOUNT_REAPER_CONFIG, else "
-                   "/etc/calico-mount-reaper/config.toml if present, else built-in defaults)")
+    config_help = (
+        "config file (default: $CALICO_MOUNT_REAPER_CONFIG, else "
+        "/etc/calico-mount-reaper/config.toml if present, else built-in defaults)"
+    )
     parser.add_argument("--config", metavar="PATH", help=config_help)
     # Accepted after the command too ("reap --config X"), as people type it.
     common = argparse.ArgumentParser(add_help=False)
@@ -269,10 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     reap = add("reap", help="unmount orphaned target mounts")
     reap.add_argument("--dry-run", action="store_true", help="plan and report; change nothing")
-    reap.add_argument("--force", action="store_true",
-                      help="skip the in-use and held checks (node decommission)")
-    reap.add_argument("--mode", choices=[m.value for m in Mode], default="normal",
-                      help="normal (default), decommission (ignore kubelet), force, shutdown")
+    reap.add_argument(
+        "--force", action="store_true", help="skip the in-use and held checks (node decommission)"
+    )
+    reap.add_argument(
+        "--mode",
+        choices=[m.value for m in Mode],
+        default="normal",
+        help="normal (default), decommission (ignore kubelet), force, shutdown",
+    )
     reap.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
 
     check = add("check-config", help="validate a config file and show the targets")
@@ -280,10 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("demo", help="reproduce the leftover-mount problem and its fix in a sandbox")
 
-    units = add("install-units", help="install the systemd unit, kubelet drop-in, preset and "
-                "journal catalog of this installation (idempotent)")
-    units.add_argument("--root", default="/", metavar="DIR",
-                       help="install under DIR instead of / (an image being built)")
+    units = add(
+        "install-units",
+        help="install the systemd unit, kubelet drop-in, preset and "
+        "journal catalog of this installation (idempotent)",
+    )
+    units.add_argument(
+        "--root",
+        default="/",
+        metavar="DIR",
+        help="install under DIR instead of / (an image being built)",
+    )
 
     run = add("run", help="serve as the node daemon (a systemd Type=notify service)")
     run.add_argument("--verbose", action="store_true", help="log debug detail too")
@@ -309,8 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return install_units(args.root, args.config)
         if args.command == "run":
             if not has_cap_sys_admin():
-                sys.stderr.write("error: the daemon needs CAP_SYS_ADMIN to unmount; run it as "
-                                 "root (the packaged unit does)\n")
+                sys.stderr.write(
+                    "error: the daemon needs CAP_SYS_ADMIN to unmount; run it as "
+                    "root (the packaged unit does)\n"
+                )
                 return EXIT_NOPERM
             from calico_mount_reaper.daemon import run as run_daemon
 
@@ -320,8 +346,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_status(args, config)
         return cmd_reap(args, config)
     except ConfigError as exc:
-        sys.stderr.write(f"config error: {exc}\nNothing was unmounted. Fix the file and rerun "
-                         "'calico-mount-reaper check-config'.\n")
+        sys.stderr.write(
+            f"config error: {exc}\nNothing was unmounted. Fix the file and rerun "
+            "'calico-mount-reaper check-config'.\n"
+        )
         return EXIT_CONFIG
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

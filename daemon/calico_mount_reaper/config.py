@@ -114,7 +114,7 @@ def _reap_on_stop(source: str, key: str, value: Any) -> str:
 def _metrics_path(source: str, key: str, value: Any) -> str:
     path = _string(source, key, value)
     if path and not os.path.isabs(path):
-        raise ConfigError(source, key, f"expected an absolute path or \"\", got {path!r}")
+        raise ConfigError(source, key, f'expected an absolute path or "", got {path!r}')
     return path
 
 
@@ -133,9 +133,7 @@ _RULE_KEYS = {"name", "prefix", "fstypes", "owners", "detach_on_busy"}
 
 
 def _string_list(source: str, key: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value or not all(
-        isinstance(v, str) and v for v in value
-    ):
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
         raise ConfigError(source, key, f"expected a non-empty list of strings, got {value!r}")
     return tuple(value)
 
@@ -182,9 +180,10 @@ def from_mapping(data: Mapping[str, Any], source: str) -> Config:
     tables = data.get("target", [])
     if not isinstance(tables, list):
         raise ConfigError(source, "target", "expected an array of tables ([[target]])")
-    rules = (*(BUILTIN_RULES if builtin else ()), *(
-        _parse_rule(source, i, t) for i, t in enumerate(tables)
-    ))
+    rules = (
+        *(BUILTIN_RULES if builtin else ()),
+        *(_parse_rule(source, i, t) for i, t in enumerate(tables)),
+    )
     if not rules:
         raise ConfigError(source, "builtin_targets", "no targets left: add a [[target]]")
     return replace(Config(), rules=rules, source=source, **values)

@@ -115,8 +115,13 @@ class Daemon:
         try:
             self.udev = InterfaceWatch()
         except UdevUnavailable as exc:
-            self._event("DEGRADED", f"no interface events, carrying on without them: {exc}",
-                        logging.WARNING, reason=str(exc), result="no-netlink")
+            self._event(
+                "DEGRADED",
+                f"no interface events, carrying on without them: {exc}",
+                logging.WARNING,
+                reason=str(exc),
+                result="no-netlink",
+            )
             return
         self.selector.register(self.udev, selectors.EVENT_READ, self._on_uevents)
 
@@ -138,8 +143,13 @@ class Daemon:
             watch.close()
             self.bus_retry_at = now + self.bus_backoff
             if self.bus_backoff == BUS_RETRY_FIRST:  # say it once per outage, not per retry
-                self._event("DEGRADED", f"running degraded: {exc}", logging.WARNING,
-                            reason=str(exc), result="no-bus")
+                self._event(
+                    "DEGRADED",
+                    f"running degraded: {exc}",
+                    logging.WARNING,
+                    reason=str(exc),
+                    result="no-bus",
+                )
             self.bus_backoff = min(self.bus_backoff * 2, BUS_RETRY_MAX)
             return
         self.bus, self.bus_retry_at, self.bus_backoff = watch, None, BUS_RETRY_FIRST
@@ -153,8 +163,13 @@ class Daemon:
             self.selector.unregister(self.bus)
             self.bus.close()
             self.bus = None
-        self._event("DEGRADED", f"{reason}; judging kubelet by its process until the bus is back",
-                    logging.WARNING, reason=reason, result="bus-lost")
+        self._event(
+            "DEGRADED",
+            f"{reason}; judging kubelet by its process until the bus is back",
+            logging.WARNING,
+            reason=reason,
+            result="bus-lost",
+        )
         self.bus_backoff = BUS_RETRY_FIRST * 2  # the loss was just logged: no second entry
         self.bus_retry_at = now + BUS_RETRY_FIRST
         self.state.liveness_stale = True
@@ -258,9 +273,14 @@ class Daemon:
         ]:
             rule = rule_for(m, self.config.rules)
             if rule is not None:
-                self._event(name, f"{rule.name} target {m.mount_point} ({m.fstype}) {verb}",
-                            mount_point=m.mount_point, mount_id=m.mount_id, fstype=m.fstype,
-                            target=rule.name)
+                self._event(
+                    name,
+                    f"{rule.name} target {m.mount_point} ({m.fstype}) {verb}",
+                    mount_point=m.mount_point,
+                    mount_id=m.mount_id,
+                    fstype=m.fstype,
+                    target=rule.name,
+                )
         if appeared or gone:
             self.state.liveness_stale = True
             self._schedule(now)
@@ -300,8 +320,13 @@ class Daemon:
         assessments = plan(
             st.table.mounts, st.liveness, self._mode(), self.config, sites
         ).assessments
-        decision = grace.decide(st.timers, assessments, now, self.config.grace_period,
-                                immediate=self._mode() is Mode.DECOMMISSION)
+        decision = grace.decide(
+            st.timers,
+            assessments,
+            now,
+            self.config.grace_period,
+            immediate=self._mode() is Mode.DECOMMISSION,
+        )
         if decision.due and not scanned:
             # An owner may have started since the last scan (a start sends no event): decide
             # an unmount on a fresh look at the processes, never on an old one.
@@ -330,18 +355,29 @@ class Daemon:
                 result = "scheduled"
             else:
                 message, result = f"{a.site.mount_point}: left alone, {a.reason}", "refused"
-            self._event("VERDICT", message,
-                        mount_point=a.site.mount_point, target=a.site.rule.name,
-                        mount_id=a.site.roots[0].mount_id, fstype=a.site.roots[0].fstype,
-                        reason=a.reason, result=result)
+            self._event(
+                "VERDICT",
+                message,
+                mount_point=a.site.mount_point,
+                target=a.site.rule.name,
+                mount_id=a.site.roots[0].mount_id,
+                fstype=a.site.roots[0].fstype,
+                reason=a.reason,
+                result=result,
+            )
         self.state.reasons = seen
 
     def _reap(self, mode: Mode, only: set[str] | None, now: float) -> list[str]:
         """Reap, journal and count; returns the mount points that are gone."""
         report = run_pass(
-            self.config, mode, liveness=self.state.liveness, only=only,
+            self.config,
+            mode,
+            liveness=self.state.liveness,
+            only=only,
             on_outcome=lambda outcome, action: journal_outcome(self.log, outcome, action),
-            mountinfo_path=self.mountinfo_path, table=self.state.table, read=self._read,
+            mountinfo_path=self.mountinfo_path,
+            table=self.state.table,
+            read=self._read,
         )
         tally = journal_report(self.log, report)
         counters = self.state.counters
@@ -378,8 +414,9 @@ class Daemon:
             self.log.warning("cannot tell whether systemd saw the unmounts: %s", exc)
             return
         if units:
-            self.log.warning("systemd still lists %s as mounted after %g s", ", ".join(units),
-                             PID1_CATCH_UP)
+            self.log.warning(
+                "systemd still lists %s as mounted after %g s", ", ".join(units), PID1_CATCH_UP
+            )
 
     def _publish(self, now: float, assessments: Iterable[Assessment]) -> None:
         """STATUS= line and the metrics file."""
@@ -404,8 +441,13 @@ class Daemon:
         try:
             new = config_mod.load(self.config_path)
         except ConfigError as exc:
-            self._event("CONFIG_REJECTED", f"new config rejected, keeping the old one: {exc}",
-                        logging.ERROR, reason=str(exc), result="kept-old")
+            self._event(
+                "CONFIG_REJECTED",
+                f"new config rejected, keeping the old one: {exc}",
+                logging.ERROR,
+                reason=str(exc),
+                result="kept-old",
+            )
             return
         self.config = new
         self.state.liveness_stale = True
@@ -447,8 +489,9 @@ class Daemon:
         return now + ping_interval(self.watchdog, self.config.rescan_interval)
 
     def _timeout(self, now: float) -> float | None:
-        deadlines = [d for d in (self.next_ping, self.coalescer.due, self.state.evaluate_at)
-                     if d is not None]
+        deadlines = [
+            d for d in (self.next_ping, self.coalescer.due, self.state.evaluate_at) if d is not None
+        ]
         # With a watchdog, the safety-net rescan and the bus retry never wake the loop on their
         # own: they run at the first ping after they are due (the rescan at once, as pings come
         # at least every rescan_interval), and an idle daemon wakes for nothing but the pings.
@@ -464,17 +507,25 @@ class Daemon:
     def run(self) -> int:
         self._install_signals()
         if in_host_mount_namespace() is False:
-            self._event("WRONG_NAMESPACE", "not in the host's mount namespace (PID 1's): unmounts "
-                        "here would not reach the host; check the unit for PrivateMounts= and "
-                        "Protect*= options", logging.ERROR, result="wrong-namespace")
+            self._event(
+                "WRONG_NAMESPACE",
+                "not in the host's mount namespace (PID 1's): unmounts "
+                "here would not reach the host; check the unit for PrivateMounts= and "
+                "Protect*= options",
+                logging.ERROR,
+                result="wrong-namespace",
+            )
         now = self.clock()
         self._connect_bus(now)
         self._open_udev()
         self._reread(now)
         self._evaluate(now)
         self.notifier.ready()
-        self._event("STARTED", f"watching {len(self.config.rules)} target rules from "
-                    f"{self.config.source}", result="ready")
+        self._event(
+            "STARTED",
+            f"watching {len(self.config.rules)} target rules from {self.config.source}",
+            result="ready",
+        )
         while not self.state.stop_requested:
             now = self.clock()
             for key, _ in self.selector.select(self._timeout(now)):
@@ -492,8 +543,12 @@ class Daemon:
         except OSError as exc:
             message = f"{getattr(step, '__name__', 'step')}: {exc}"
             if message != self._last_error or now - self._last_error_at > ERROR_REPEAT:
-                self.log.error("carrying on after an error (retrying in %g s): %s",
-                               ERROR_RETRY, message, exc_info=True)
+                self.log.error(
+                    "carrying on after an error (retrying in %g s): %s",
+                    ERROR_RETRY,
+                    message,
+                    exc_info=True,
+                )
                 self._last_error, self._last_error_at = message, now
             # Push every deadline that is due back, or the loop would spin on the same error.
             later = now + ERROR_RETRY
@@ -511,9 +566,13 @@ class Daemon:
         final = policy == "always" or (policy == "shutdown" and going_down)
         why = "the system is going down" if going_down else "the service is stopping"
         self.notifier.stopping()
-        self._event("STOPPING", f"stopping ({why}); final reap: {'yes' if final else 'no'} "
-                    f"(reap_on_stop={policy}); {self.state.rereads} table re-reads",
-                    reason=why, result="final-reap" if final else "no-reap")
+        self._event(
+            "STOPPING",
+            f"stopping ({why}); final reap: {'yes' if final else 'no'} "
+            f"(reap_on_stop={policy}); {self.state.rereads} table re-reads",
+            reason=why,
+            result="final-reap" if final else "no-reap",
+        )
         if final:
             # A busy mount may need every retry; ask systemd for the time before using it.
             retries = sum(self.config.busy_backoff * 2**i for i in range(self.config.busy_retries))
@@ -570,7 +629,13 @@ def run(config_path: str | None, verbose: bool = False) -> int:
     try:
         config = config_mod.load(config_path)
     except ConfigError as exc:
-        journal.event(log, "CONFIG_REJECTED", f"cannot start: {exc}", level=logging.ERROR,
-                      reason=str(exc), result="exit-78")
+        journal.event(
+            log,
+            "CONFIG_REJECTED",
+            f"cannot start: {exc}",
+            level=logging.ERROR,
+            reason=str(exc),
+            result="exit-78",
+        )
         return 78
     return Daemon(config, config_path, log, Notifier()).run()

@@ -91,8 +91,10 @@ def _scenario() -> int:
     _say("   the exact mount ID before every umount2:")
     report = run_pass(Config(), Mode.NORMAL, liveness=Liveness())
     for o in report.outcomes:
-        _say(f"      {o.result.value:10} {o.mount.mount_point} ({o.mount.fstype}, mount "
-             f"{o.mount.mount_id}): {o.detail}")
+        _say(
+            f"      {o.result.value:10} {o.mount.mount_point} ({o.mount.fstype}, mount "
+            f"{o.mount.mount_id}): {o.detail}"
+        )
     _show_mounts("mounts under /run after the reap:")
     _say()
     _say("4. The same 'rm -rf /run/calico' again:")
@@ -105,8 +107,11 @@ def _scenario() -> int:
     _say(f"   Decoys still mounted: {decoys_left} of 2.")
     ok = rc == 0 and gone and decoys_left == 2 and not report.remaining
     _say()
-    _say("Done: the reap removed every stacked Calico mount and nothing else." if ok
-         else "The demo did not end as expected: see above.")
+    _say(
+        "Done: the reap removed every stacked Calico mount and nothing else."
+        if ok
+        else "The demo did not end as expected: see above."
+    )
     return 0 if ok else 1
 
 
@@ -132,8 +137,9 @@ def _in_sandbox(cgroup: str, body: Callable[[], int]) -> int:
 
 def run_demo() -> int:
     if os.geteuid() != 0:
-        sys.stderr.write("demo: needs root to make mounts in its sandbox; run: sudo "
-                         "calico-mount-reaper demo\n")
+        sys.stderr.write(
+            "demo: needs root to make mounts in its sandbox; run: sudo calico-mount-reaper demo\n"
+        )
         return 77
     cgroup = os.path.join(_unified_hierarchy(), f"calico-mount-reaper-demo.{os.getpid()}")
     os.mkdir(cgroup)

@@ -184,8 +184,11 @@ def main(root: str, config_path: str | None) -> int:
     result = install(base, config, command)
     where = "" if base.resolve() == Path("/") else f" under {base}"
     print(f"calico-mount-reaper units for {command}{where}:")
-    for label, paths in (("wrote", result.written), ("unchanged", result.unchanged),
-                         ("removed", result.removed)):
+    for label, paths in (
+        ("wrote", result.written),
+        ("unchanged", result.unchanged),
+        ("removed", result.removed),
+    ):
         for p in paths:
             print(f"  {label:9} {p}")
     print(f"  catalog   {result.catalog}")

@@ -173,8 +173,13 @@ def assess(site: Site, liveness: Liveness, mode: Mode) -> Assessment:
     return Assessment(site, verdict, reason, owners, reap)
 
 
-def plan(mounts: Sequence[Mount], liveness: Liveness, mode: Mode, config: Config,
-         sites: Sequence[Site] | None = None) -> Plan:
+def plan(
+    mounts: Sequence[Mount],
+    liveness: Liveness,
+    mode: Mode,
+    config: Config,
+    sites: Sequence[Site] | None = None,
+) -> Plan:
     """Verdicts on every site and the unmount actions this mode allows, in execution order.
 
     ``sites`` is ``find_sites(mounts, config.rules)`` when the caller already has it: finding

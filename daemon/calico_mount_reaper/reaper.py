@@ -79,7 +79,6 @@ class Table:
     sites: tuple[Site, ...]
     warnings: tuple[str, ...]
 
-
     @classmethod
     def of(cls, parsed: mountinfo.ParseResult, config: Config) -> Table:
         return cls(parsed.mounts, tuple(find_sites(parsed.mounts, config.rules)), parsed.warnings)
@@ -186,22 +185,50 @@ def journal_outcome(log: logging.Logger, outcome: Outcome, action: Action) -> No
 
     m = outcome.mount
     fields: dict[str, object] = dict(
-        mount_point=m.mount_point, mount_id=m.mount_id, fstype=m.fstype,
-        target=action.site.rule.name, reason=outcome.detail, result=outcome.result.value,
+        mount_point=m.mount_point,
+        mount_id=m.mount_id,
+        fstype=m.fstype,
+        target=action.site.rule.name,
+        reason=outcome.detail,
+        result=outcome.result.value,
     )
     if outcome.blockers:
         fields["blockers"] = ", ".join(str(b) for b in outcome.blockers)
-        journal.event(log, "BUSY", f"{m.mount_point} is busy: held by {fields['blockers']}",
-                      level=logging.WARNING, stacklevel=2, **fields)
+        journal.event(
+            log,
+            "BUSY",
+            f"{m.mount_point} is busy: held by {fields['blockers']}",
+            level=logging.WARNING,
+            stacklevel=2,
+            **fields,
+        )
     if outcome.result is Result.REFUSED:
-        journal.event(log, "REAP_REFUSED", f"refused to unmount {m.mount_point}: "
-                      f"{outcome.detail}", level=logging.WARNING, stacklevel=2, **fields)
+        journal.event(
+            log,
+            "REAP_REFUSED",
+            f"refused to unmount {m.mount_point}: {outcome.detail}",
+            level=logging.WARNING,
+            stacklevel=2,
+            **fields,
+        )
     elif outcome.result is Result.FAILED:
-        journal.event(log, "REAP_FAILED", f"failed to unmount {m.mount_point}: {outcome.detail}",
-                      level=logging.ERROR, stacklevel=2, **fields)
+        journal.event(
+            log,
+            "REAP_FAILED",
+            f"failed to unmount {m.mount_point}: {outcome.detail}",
+            level=logging.ERROR,
+            stacklevel=2,
+            **fields,
+        )
     else:
-        log.info("%s %s (mount %d, %s): %s", outcome.result.value, m.mount_point, m.mount_id,
-                 m.fstype, outcome.detail)
+        log.info(
+            "%s %s (mount %d, %s): %s",
+            outcome.result.value,
+            m.mount_point,
+            m.mount_id,
+            m.fstype,
+            outcome.detail,
+        )
 
 
 def journal_report(log: logging.Logger, report: PassReport) -> Tally:
@@ -210,10 +237,16 @@ def journal_report(log: logging.Logger, report: PassReport) -> Tally:
 
     for a in report.reaped:
         journal.event(
-            log, "REAPED", f"reaped {a.site.mount_point}: {len(a.site.members)} mount(s) "
-            f"gone ({report.mode.value}; {a.reason})", stacklevel=2,
-            mount_point=a.site.mount_point, mount_id=a.site.roots[0].mount_id,
-            fstype=a.site.roots[0].fstype, target=a.site.rule.name, reason=a.reason,
+            log,
+            "REAPED",
+            f"reaped {a.site.mount_point}: {len(a.site.members)} mount(s) "
+            f"gone ({report.mode.value}; {a.reason})",
+            stacklevel=2,
+            mount_point=a.site.mount_point,
+            mount_id=a.site.roots[0].mount_id,
+            fstype=a.site.roots[0].fstype,
+            target=a.site.rule.name,
+            reason=a.reason,
             result="reaped",
         )
     refused = sum(1 for o in report.outcomes if o.result is Result.REFUSED)

@@ -244,9 +244,7 @@ def find_blockers(mount_ids: Collection[int], proc_root: str = "/proc") -> tuple
     return tuple(found)
 
 
-def _check_planned(
-    mount: Mount, mountinfo_path: str, dir_fd: int, name: str
-) -> Outcome | None:
+def _check_planned(mount: Mount, mountinfo_path: str, dir_fd: int, name: str) -> Outcome | None:
     """None if ``name`` in ``dir_fd`` is still the planned mount; otherwise what to report."""
     try:
         current: int | None
@@ -261,8 +259,11 @@ def _check_planned(
         # The ID was freed and handed to a newer mount of another filesystem (or, on btrfs,
         # st_dev names a subvolume): either way not provably the planned mount.
         return Outcome(
-            mount, Result.REFUSED, f"mount ID {current} now names a filesystem with device "
-            f"{dev}, not the planned {mount.major_minor} (ID reused); nothing was touched")
+            mount,
+            Result.REFUSED,
+            f"mount ID {current} now names a filesystem with device "
+            f"{dev}, not the planned {mount.major_minor} (ID reused); nothing was touched",
+        )
     if not mount_exists(mount.mount_id, mountinfo_path):
         return Outcome(mount, Result.ALREADY_GONE, "unmounted by someone else (or by propagation)")
     now = "no longer exists" if current is None else f"now refers to mount {current}"
@@ -293,8 +294,9 @@ def unmount_planned(
     except OSError as exc:
         return Outcome(mount, Result.REFUSED, f"cannot open the mount point's directory: {exc}")
     try:
-        return _unmount_pinned(mount, policy, detach_allowed, site_ids, mountinfo_path, sleep,
-                               dir_fd, name)
+        return _unmount_pinned(
+            mount, policy, detach_allowed, site_ids, mountinfo_path, sleep, dir_fd, name
+        )
     finally:
         os.close(dir_fd)
 

@@ -83,9 +83,15 @@ def boot(rootfs: Path, payload: Path, tmp_path: Path) -> Iterator[Boot]:
         timeout: float = 60,
     ) -> harness.Container:
         container = harness.boot(
-            rootfs, tmp_path / f"run{len(containers) + 1}",
-            payload=payload if install_project else None, files=files, enable=enable,
-            udev=udev, host_network=host_network, nspawn_args=nspawn_args, timeout=timeout,
+            rootfs,
+            tmp_path / f"run{len(containers) + 1}",
+            payload=payload if install_project else None,
+            files=files,
+            enable=enable,
+            udev=udev,
+            host_network=host_network,
+            nspawn_args=nspawn_args,
+            timeout=timeout,
         )
         containers.append(container)
         return container

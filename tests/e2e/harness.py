@@ -47,8 +47,16 @@ GUEST_PYTHON = "python3.11"
 # The reaper runs on the distro's Python bindings (the oldest versions it must support), not on
 # the newer ones pip put on the host.
 PACKAGES = (
-    "systemd", "systemd-sysv", "dbus", "udev", "python3", "python3-pystemd", "python3-pyudev",
-    "python3-sdnotify", "iproute2", "util-linux",
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "udev",
+    "python3",
+    "python3-pystemd",
+    "python3-pyudev",
+    "python3-sdnotify",
+    "iproute2",
+    "util-linux",
 )
 # Bump when the build recipe changes in a way the package list does not show.
 ROOTFS_RECIPE_VERSION = 1
@@ -90,6 +98,7 @@ class Unavailable(Exception):
 
 # --------------------------------------------------------------------------- prerequisites
 
+
 def missing_prerequisites() -> list[str]:
     """What this machine lacks to boot a container (empty when it can)."""
     missing = []
@@ -128,6 +137,7 @@ def _fstype(path: str) -> str | None:
 
 
 # --------------------------------------------------------------------------- rootfs
+
 
 def parse_mirror(sources: Sequence[str], sources_list: str, suite: str = SUITE) -> str | None:
     """The Debian mirror the host's apt uses for ``suite``.
@@ -234,9 +244,17 @@ def _build_tarball(mirror: str, tarball: Path) -> None:
         log = build / "debootstrap.log"
         with open(log, "w") as out:
             done = subprocess.run(
-                ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
-                 SUITE, str(root), mirror],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    f"--include={','.join(PACKAGES)}",
+                    SUITE,
+                    str(root),
+                    mirror,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         if done.returncode != 0:
             tail = log.read_text(errors="replace").splitlines()[-30:]
@@ -247,8 +265,19 @@ def _build_tarball(mirror: str, tarball: Path) -> None:
             if leftover.is_file():
                 leftover.unlink()
         subprocess.run(
-            ["tar", "-C", str(root), "--numeric-owner", "--xattrs", "--xattrs-include=*",
-             "-I", "zstd -T0", "-cpf", str(partial), "."],
+            [
+                "tar",
+                "-C",
+                str(root),
+                "--numeric-owner",
+                "--xattrs",
+                "--xattrs-include=*",
+                "-I",
+                "zstd -T0",
+                "-cpf",
+                str(partial),
+                ".",
+            ],
             check=True,
         )
         partial.rename(tarball)
@@ -280,8 +309,18 @@ def restore_rootfs(tarball: Path, dest: Path) -> Path:
     started = time.monotonic()
     dest.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        ["tar", "-C", str(dest), "--numeric-owner", "--xattrs", "--xattrs-include=*",
-         "-I", "zstd", "-xpf", str(tarball)],
+        [
+            "tar",
+            "-C",
+            str(dest),
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+            "-I",
+            "zstd",
+            "-xpf",
+            str(tarball),
+        ],
         check=True,
     )
     if not (dest / "lib/systemd/systemd").exists():
@@ -291,6 +330,7 @@ def restore_rootfs(tarball: Path, dest: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- payload
+
 
 def build_payload(dest: Path, repo: Path = REPO_ROOT) -> Path:
     """Install the checkout into a tree laid over the guest's root.
@@ -302,16 +342,36 @@ def build_payload(dest: Path, repo: Path = REPO_ROOT) -> Path:
     with tempfile.TemporaryDirectory(prefix="cmr-src.") as tmp:
         src = Path(tmp) / "src"
         shutil.copytree(
-            repo, src, symlinks=True,
+            repo,
+            src,
+            symlinks=True,
             ignore=shutil.ignore_patterns(
-                ".*", "tests", "build", "dist", "*.egg-info", "__pycache__",
+                ".*",
+                "tests",
+                "build",
+                "dist",
+                "*.egg-info",
+                "__pycache__",
             ),
         )
         isolation = ["--no-build-isolation"] if _can_build_offline() else []
         subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *isolation,
-             "--no-compile", "--disable-pip-version-check", "--target", str(site), str(src)],
-            check=True, env={**os.environ, "PIP_ROOT_USER_ACTION": "ignore"},
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                *isolation,
+                "--no-compile",
+                "--disable-pip-version-check",
+                "--target",
+                str(site),
+                str(src),
+            ],
+            check=True,
+            env={**os.environ, "PIP_ROOT_USER_ACTION": "ignore"},
         )
     shutil.rmtree(site / "bin", ignore_errors=True)  # console scripts pointing at the host python
     entry = dest / "usr/local/bin/calico-mount-reaper"
@@ -431,8 +491,12 @@ class Container:
         return self.process.poll() is None
 
     def run(
-        self, cmd: Sequence[str] | str, check: bool = True, timeout: float = 60,
-        input: str | None = None, env: Mapping[str, str] | None = None,
+        self,
+        cmd: Sequence[str] | str,
+        check: bool = True,
+        timeout: float = 60,
+        input: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run ``cmd`` (argv, or a string for sh -c) in all of the container's namespaces.
 
@@ -444,7 +508,10 @@ class Container:
         argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
         done = subprocess.run(
             ["nsenter", "-t", str(self.leader), "-a", *argv],
-            text=True, capture_output=True, timeout=timeout, input=input,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+            input=input,
             env={"PATH": GUEST_PATH, "LANG": "C.UTF-8", "SYSTEMD_PAGER": "", **(env or {})},
         )
         if check and done.returncode != 0:
@@ -461,14 +528,19 @@ class Container:
         where = dirs[0] if len(dirs) == 1 else self.journal_dir
         done = subprocess.run(
             ["journalctl", "-D", str(where), "--no-pager", "-q", *args],
-            text=True, capture_output=True, env={**os.environ, "SYSTEMD_PAGER": ""},
+            text=True,
+            capture_output=True,
+            env={**os.environ, "SYSTEMD_PAGER": ""},
         )
         if done.returncode != 0 and not done.stdout:
             raise RuntimeError(f"journalctl -D {where} {' '.join(args)}: {done.stderr.strip()}")
         return done.stdout
 
     def wait_for(
-        self, predicate: Callable[[], T], timeout: float = 10, interval: float = 0.05,
+        self,
+        predicate: Callable[[], T],
+        timeout: float = 10,
+        interval: float = 0.05,
         what: str = "condition",
     ) -> T:
         """Poll ``predicate`` until it returns something truthy, and return that."""
@@ -557,7 +629,7 @@ def remove_stale_cgroups() -> list[str]:
     stale = []
     for root in cgroup2_roots():
         for path in glob.glob(f"{root}/{CGROUP_PREFIX}*"):
-            owner = Path(path).name[len(CGROUP_PREFIX):].split("-")[0]
+            owner = Path(path).name[len(CGROUP_PREFIX) :].split("-")[0]
             if owner.isdigit() and not Path(f"/proc/{owner}").exists():
                 stale.append(path)
     remove_cgroups(stale)
@@ -608,7 +680,12 @@ def boot(
         "E2E_CGROUPS": " ".join(cgroups),
     }
     args = [
-        "-b", "-M", "e2e", "--register=no", "--keep-unit", "--console=pipe",
+        "-b",
+        "-M",
+        "e2e",
+        "--register=no",
+        "--keep-unit",
+        "--console=pipe",
         f"--bind={run_dir / 'journal'}:/var/log/journal",
         f"--bind={run_dir / 'results'}:/results",
     ]
@@ -618,8 +695,10 @@ def boot(
         env["SYSTEMD_NSPAWN_API_VFS_WRITABLE"] = "1"
         # CAP_NET_ADMIN lets udevd broadcast processed uevents; masking the trigger keeps it from
         # replaying every host device.
-        args += ["--capability=CAP_NET_ADMIN",
-                 "--bind-ro=/dev/null:/etc/systemd/system/systemd-udev-trigger.service"]
+        args += [
+            "--capability=CAP_NET_ADMIN",
+            "--bind-ro=/dev/null:/etc/systemd/system/systemd-udev-trigger.service",
+        ]
     args += list(nspawn_args)
 
     started = time.monotonic()
@@ -629,7 +708,10 @@ def boot(
         with open(run_dir / "console.log", "wb") as console:
             process = subprocess.Popen(
                 ["unshare", "-m", "--propagation", "private", "bash", "-c", _INNER, "inner", *args],
-                stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                env=env,
                 start_new_session=True,
             )
     except BaseException:
@@ -639,7 +721,8 @@ def boot(
     try:
         container.leader = _wait_for_manager(container, started + timeout)
         state = container.run(
-            ["systemctl", "is-system-running", "--wait"], check=False,
+            ["systemctl", "is-system-running", "--wait"],
+            check=False,
             timeout=max(1.0, started + timeout - time.monotonic()),
         )
         container.boot_state = state.stdout.strip()
@@ -683,4 +766,3 @@ def host_mount_table() -> set[str]:
         sep = fields.index("-")
         rows.add(f"{fields[4]} {fields[sep + 1]} {fields[sep + 2]}")
     return rows
-

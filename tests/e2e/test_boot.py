@@ -57,8 +57,12 @@ def test_project_from_the_checkout_imports_with_distro_deps(boot: Boot) -> None:
     assert where.stdout.startswith("/usr/local/lib/python3.11/dist-packages/calico_mount_reaper/")
     # The bindings must be Debian's (the oldest versions the reaper supports), not pip's.
     deps = c.run(
-        ["python3", "-c", "import pystemd, pyudev, sdnotify; "
-         "print(pystemd.__file__, pyudev.__file__, sdnotify.__file__)"]
+        [
+            "python3",
+            "-c",
+            "import pystemd, pyudev, sdnotify; "
+            "print(pystemd.__file__, pyudev.__file__, sdnotify.__file__)",
+        ]
     ).stdout.split()
     assert all(path.startswith("/usr/lib/python3/dist-packages/") for path in deps), deps
     entry = c.run(["head", "-1", "/usr/local/bin/calico-mount-reaper"]).stdout
@@ -75,8 +79,6 @@ def test_files_and_enabled_units_reach_the_guest(boot: Boot) -> None:
     assert c.run(["systemctl", "is-active", "kubelet.service"]).stdout.strip() == "active"
     c.run(["systemctl", "stop", "kubelet.service"])
     c.wait_for(lambda: "Stopped" in c.journal("-u", "kubelet.service"), what="'Stopped' entry")
-
-
 
 
 @pytest.mark.e2e

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 from calico_mount_reaper.journal import MESSAGE_IDS
-from tests.test_packaging import DEB_VERSION, build_packages
 
 from tests.e2e import harness
 from tests.e2e.conftest import Boot
+from tests.test_packaging import DEB_VERSION, build_packages
 
 pytestmark = pytest.mark.e2e
 
@@ -50,8 +50,9 @@ def test_deb_installs_enabled_reaps_an_orphaned_stack_and_removes_cleanly(
     # and it is no decommission either, so the grace period applies.
     c.run(["systemctl", "enable", "kubelet.service"])
 
-    installed = c.run(["apt-get", "install", "-y", "--no-install-recommends", guest_deb],
-                      env=APT_ENV, timeout=120)
+    installed = c.run(
+        ["apt-get", "install", "-y", "--no-install-recommends", guest_deb], env=APT_ENV, timeout=120
+    )
     assert "Setting up calico-mount-reaper" in installed.stdout, installed.stdout
 
     # dh_installsystemd enabled and started it: no further step.
@@ -60,9 +61,15 @@ def test_deb_installs_enabled_reaps_an_orphaned_stack_and_removes_cleanly(
     main_pid = c.run(["systemctl", "show", "-P", "MainPID", UNIT]).stdout.strip()
     cmdline = c.run(["cat", f"/proc/{main_pid}/cmdline"]).stdout.split("\0")
     assert cmdline[:3] == ["/usr/bin/python3", "/usr/bin/calico-mount-reaper", "run"], cmdline
-    deps = c.run(["python3", "-c", "import calico_mount_reaper, pystemd, pyudev, sdnotify as s; "
-                  "print(calico_mount_reaper.__file__, pystemd.__file__, pyudev.__file__, "
-                  "s.__file__)"]).stdout.split()
+    deps = c.run(
+        [
+            "python3",
+            "-c",
+            "import calico_mount_reaper, pystemd, pyudev, sdnotify as s; "
+            "print(calico_mount_reaper.__file__, pystemd.__file__, pyudev.__file__, "
+            "s.__file__)",
+        ]
+    ).stdout.split()
     assert all(p.startswith("/usr/lib/python3/dist-packages/") for p in deps), deps
     # The postinst's daemon-reload made systemd read the kubelet drop-in.
     dropins = c.run(["systemctl", "show", "-P", "DropInPaths", "kubelet.service"]).stdout
@@ -70,11 +77,17 @@ def test_deb_installs_enabled_reaps_an_orphaned_stack_and_removes_cleanly(
 
     # A stacked Calico mount (cgroup2 / tmpfs / cgroup2) with no owner and kubelet inactive.
     started = time.monotonic()
-    c.run(f"mkdir -p {CALICO} && mount -t cgroup2 none {CALICO} && "
-          f"mount -t tmpfs tmpfs {CALICO} && mount -t cgroup2 none {CALICO}")
+    c.run(
+        f"mkdir -p {CALICO} && mount -t cgroup2 none {CALICO} && "
+        f"mount -t tmpfs tmpfs {CALICO} && mount -t cgroup2 none {CALICO}"
+    )
     assert len(mounts_at(c, CALICO)) == 3, c.mountinfo()
-    c.wait_for(lambda: not mounts_at(c, CALICO), timeout=GRACE + 20, interval=0.2,
-               what=f"the reaper to unmount the stack at {CALICO}")
+    c.wait_for(
+        lambda: not mounts_at(c, CALICO),
+        timeout=GRACE + 20,
+        interval=0.2,
+        what=f"the reaper to unmount the stack at {CALICO}",
+    )
     elapsed = time.monotonic() - started
     assert elapsed >= GRACE - 0.5, f"reaped after {elapsed:.1f}s, before the grace period"
     # One REAPED entry for the site, naming the whole stack.

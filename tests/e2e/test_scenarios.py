@@ -32,8 +32,14 @@ CONFIG_PATH = "/etc/calico-mount-reaper/config.toml"
 CALICO = "/run/calico/cgroup"
 # An owner process as Calico's would look: argv[0] is calico-node (comm stays "sleep"). Ordered
 # Before= the reaper, so at shutdown it is still running while the reaper does its final reap.
-OWNER = ["systemd-run", "--unit=calico-node-fake", "--property=Before=calico-mount-reaper.service",
-         "bash", "-c", "exec -a calico-node sleep infinity"]
+OWNER = [
+    "systemd-run",
+    "--unit=calico-node-fake",
+    "--property=Before=calico-mount-reaper.service",
+    "bash",
+    "-c",
+    "exec -a calico-node sleep infinity",
+]
 
 
 def config(grace: float) -> str:
@@ -100,8 +106,10 @@ def _main_pid(c: harness.Container, unit: str) -> int:
 
 def stack_calico(c: harness.Container) -> None:
     """A legal stack at /run/calico/cgroup: cgroup2, tmpfs, cgroup2 (as propagation leaves)."""
-    c.run(f"mkdir -p {CALICO} && mount -t cgroup2 none {CALICO} && "
-          f"mount -t tmpfs tmpfs {CALICO} && mount -t cgroup2 none {CALICO}")
+    c.run(
+        f"mkdir -p {CALICO} && mount -t cgroup2 none {CALICO} && "
+        f"mount -t tmpfs tmpfs {CALICO} && mount -t cgroup2 none {CALICO}"
+    )
     assert len(mounts_at(c, CALICO)) == 3, c.mountinfo()
 
 
@@ -121,6 +129,7 @@ def pid1_tracks(c: harness.Container, path: str) -> None:
 
 # --------------------------------------------------------------------------- 1
 
+
 def test_enable_now_reaches_active_with_ready(boot: Boot) -> None:
     c = boot()
     out = c.run([COMMAND, "install-units"]).stdout
@@ -136,9 +145,16 @@ def test_enable_now_reaches_active_with_ready(boot: Boot) -> None:
     c.run("systemctl daemon-reload && systemctl enable --now calico-mount-reaper")
     # Type=notify: "active" only once the daemon sent READY=1 (after its first pass).
     show = dict(
-        line.split("=", 1) for line in c.run(
-            ["systemctl", "show", UNIT, "-p", "ActiveState,SubState,Type,StatusText,ExecMainPID,"
-             "UnitFileState,FragmentPath,NRestarts"]
+        line.split("=", 1)
+        for line in c.run(
+            [
+                "systemctl",
+                "show",
+                UNIT,
+                "-p",
+                "ActiveState,SubState,Type,StatusText,ExecMainPID,"
+                "UnitFileState,FragmentPath,NRestarts",
+            ]
         ).stdout.splitlines()
     )
     assert show["ActiveState"] == "active" and show["SubState"] == "running", show
@@ -173,12 +189,17 @@ def test_enable_now_reaches_active_with_ready(boot: Boot) -> None:
     # systemd logged the unit as started only after the daemon's first pass (its entries go
     # through the same journal socket as PID 1's, so their order is the order of sending).
     lines = c.journal("-o", "short-monotonic").splitlines()
-    assert line_index(lines, r"calico-mount-reaper\[\d+\]: following systemd over D-Bus") < \
-        line_index(lines, r"Started calico-mount-reaper\.service")
+    assert line_index(
+        lines, r"calico-mount-reaper\[\d+\]: following systemd over D-Bus"
+    ) < line_index(lines, r"Started calico-mount-reaper\.service")
 
 
-def booted(boot: Boot, grace: float, kubelet: bool = True, **extra: harness.FileSource,
-           ) -> harness.Container:
+def booted(
+    boot: Boot,
+    grace: float,
+    kubelet: bool = True,
+    **extra: harness.FileSource,
+) -> harness.Container:
     """A node with the reaper enabled (and a dummy kubelet), started at boot like a real one."""
     files = units(config(grace), **extra)
     enable = [UNIT]
@@ -192,6 +213,7 @@ def booted(boot: Boot, grace: float, kubelet: bool = True, **extra: harness.File
 
 
 # --------------------------------------------------------------------------- 2
+
 
 def test_mount_in_use_under_active_kubelet_is_left_alone_with_the_reason(boot: Boot) -> None:
     c = booted(boot, grace=0.5)
@@ -207,19 +229,24 @@ def test_mount_in_use_under_active_kubelet_is_left_alone_with_the_reason(boot: B
     # The owner goes, kubelet stays: still held, and the journal says that too.
     c.run(["systemctl", "stop", "calico-node-fake.service"])
     c.wait_for(
-        lambda: [e for e in reaper_events(c, "VERDICT", MOUNT_POINT=CALICO, RESULT="refused")
-                 if e["REASON"].startswith("held: kubelet is active")],
+        lambda: [
+            e
+            for e in reaper_events(c, "VERDICT", MOUNT_POINT=CALICO, RESULT="refused")
+            if e["REASON"].startswith("held: kubelet is active")
+        ],
         what="a 'held' verdict",
     )
     time.sleep(1.5)  # three grace periods: nothing may happen
     assert len(mounts_at(c, CALICO)) == 3, c.mountinfo()
     assert not reaper_events(c, "REAPED")
     status = c.run([COMMAND, "status"]).stdout
-    assert re.search(r"/run/calico/cgroup\s+calico\s+3\s+held\s+held: kubelet is active", status), \
+    assert re.search(r"/run/calico/cgroup\s+calico\s+3\s+held\s+held: kubelet is active", status), (
         status
+    )
 
 
 # --------------------------------------------------------------------------- 3
+
 
 def test_owner_exit_and_kubelet_stop_reaps_before_stop_returns(boot: Boot) -> None:
     # A grace period far longer than the test: a reap seen here is the drop-in's, not the
@@ -238,12 +265,14 @@ def test_owner_exit_and_kubelet_stop_reaps_before_stop_returns(boot: Boot) -> No
     assert len(reaped) == 1 and reaped[0]["_SYSTEMD_UNIT"] == "kubelet.service", reaped
     assert "3 mount(s) gone" in reaped[0]["MESSAGE"], reaped
     lines = c.journal("-o", "short-monotonic").splitlines()
-    assert line_index(lines, r"calico-mount-reaper\[\d+\]: reaped /run/calico/cgroup") < \
-        line_index(lines, r"Stopped kubelet\.service", last=True)
+    assert line_index(lines, r"calico-mount-reaper\[\d+\]: reaped /run/calico/cgroup") < line_index(
+        lines, r"Stopped kubelet\.service", last=True
+    )
     assert active(c, UNIT) == "active"
 
 
 # --------------------------------------------------------------------------- 4
+
 
 def test_poweroff_with_the_owner_running_reaps_before_the_reaper_stops(boot: Boot) -> None:
     c = booted(boot, grace=0.5)
@@ -282,6 +311,7 @@ def test_poweroff_with_the_owner_running_reaps_before_the_reaper_stops(boot: Boo
 
 # --------------------------------------------------------------------------- 5
 
+
 @pytest.mark.parametrize("how", ["disable", "remove"])
 def test_decommission_reaps_without_waiting_for_grace(boot: Boot, how: str) -> None:
     c = booted(boot, grace=3600)
@@ -313,15 +343,25 @@ LimitCORE=0
 
 
 def test_frozen_loop_is_restarted_by_the_watchdog(boot: Boot) -> None:
-    c = booted(boot, grace=0.5, kubelet=False, **{
-        f"/etc/systemd/system/{UNIT}.d/50-fault.conf": FAULT_DROPIN,
-    })
+    c = booted(
+        boot,
+        grace=0.5,
+        kubelet=False,
+        **{
+            f"/etc/systemd/system/{UNIT}.d/50-fault.conf": FAULT_DROPIN,
+        },
+    )
     first = _main_pid(c, UNIT)
     c.run(["systemctl", "kill", "--kill-who=main", "--signal=SIGUSR2", UNIT])
-    c.wait_for(lambda: _main_pid(c, UNIT) not in (0, first) and active(c, UNIT) == "active",
-               timeout=20, what="a restarted daemon")
-    c.wait_for(lambda: len(reaper_events(c, "STARTED", _SYSTEMD_UNIT=UNIT)) == 2,
-               what="a second STARTED entry")
+    c.wait_for(
+        lambda: _main_pid(c, UNIT) not in (0, first) and active(c, UNIT) == "active",
+        timeout=20,
+        what="a restarted daemon",
+    )
+    c.wait_for(
+        lambda: len(reaper_events(c, "STARTED", _SYSTEMD_UNIT=UNIT)) == 2,
+        what="a second STARTED entry",
+    )
     log = c.journal("-u", UNIT)
     assert "fault switch freeze-on-usr2: freezing the loop" in log, log
     assert re.search(r"Watchdog timeout \(limit 2s\)", log), log
@@ -340,15 +380,23 @@ ProtectSystem=strict
 def test_protect_system_strict_hides_the_unmount_from_pid1_and_the_real_unit_does_not(
     boot: Boot,
 ) -> None:
-    sandboxed = booted(boot, grace=0.2, kubelet=False, **{
-        f"/etc/systemd/system/{UNIT}.d/50-strict.conf": STRICT_DROPIN,
-    })
-    sandboxed.wait_for(lambda: reaper_events(sandboxed, "WRONG_NAMESPACE"),
-                       what="the daemon saying it is in the wrong mount namespace")
+    sandboxed = booted(
+        boot,
+        grace=0.2,
+        kubelet=False,
+        **{
+            f"/etc/systemd/system/{UNIT}.d/50-strict.conf": STRICT_DROPIN,
+        },
+    )
+    sandboxed.wait_for(
+        lambda: reaper_events(sandboxed, "WRONG_NAMESPACE"),
+        what="the daemon saying it is in the wrong mount namespace",
+    )
     sandboxed.run(f"mkdir -p {CALICO} && mount -t cgroup2 none {CALICO}")
     # The daemon sees the mount (propagated into its namespace) and "reaps" it there...
-    sandboxed.wait_for(lambda: reaper_events(sandboxed, "REAPED", MOUNT_POINT=CALICO),
-                       what="the sandboxed reap")
+    sandboxed.wait_for(
+        lambda: reaper_events(sandboxed, "REAPED", MOUNT_POINT=CALICO), what="the sandboxed reap"
+    )
     # ...yet PID 1's table keeps it, even after the sandbox's own final reap at shutdown:
     assert len(mounts_at(sandboxed, CALICO)) == 1, sandboxed.mountinfo()
     pid1_tracks(sandboxed, CALICO)
@@ -364,6 +412,7 @@ def test_protect_system_strict_hides_the_unmount_from_pid1_and_the_real_unit_doe
 
 
 # --------------------------------------------------------------------------- 8
+
 
 def test_journal_has_message_ids_fields_and_catalog_text(boot: Boot, tmp_path: Path) -> None:
     # Nothing installed but the package and a config: the operator's own commands do the rest.
@@ -389,10 +438,17 @@ def test_journal_has_message_ids_fields_and_catalog_text(boot: Boot, tmp_path: P
         assert MESSAGE_IDS[name] in by_id, (name, sorted(by_id, key=str))
     reaped = by_id[MESSAGE_IDS["REAPED"]]
     assert int(reaped["MOUNT_ID"]) > 0, reaped
-    assert {k: reaped[k] for k in ("MOUNT_POINT", "FSTYPE", "TARGET", "RESULT",
-                                    "SYSLOG_IDENTIFIER", "_SYSTEMD_UNIT")} == {
-        "MOUNT_POINT": CALICO, "FSTYPE": "cgroup2", "TARGET": "calico", "RESULT": "reaped",
-        "SYSLOG_IDENTIFIER": "calico-mount-reaper", "_SYSTEMD_UNIT": UNIT}, reaped
+    assert {
+        k: reaped[k]
+        for k in ("MOUNT_POINT", "FSTYPE", "TARGET", "RESULT", "SYSLOG_IDENTIFIER", "_SYSTEMD_UNIT")
+    } == {
+        "MOUNT_POINT": CALICO,
+        "FSTYPE": "cgroup2",
+        "TARGET": "calico",
+        "RESULT": "reaped",
+        "SYSLOG_IDENTIFIER": "calico-mount-reaper",
+        "_SYSTEMD_UNIT": UNIT,
+    }, reaped
     assert reaped["REASON"].startswith("orphaned"), reaped
 
     explained = operator("journalctl -x -u calico-mount-reaper --no-pager")

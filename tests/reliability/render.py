@@ -27,8 +27,9 @@ Result of the run: **{summary}**.
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in r) + " |"
-            for r in rows]
+    out += [
+        "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in r) + " |" for r in rows
+    ]
     return "\n".join(out) + "\n"
 
 
@@ -36,46 +37,96 @@ def render(rows: list[dict[str, Any]], summary: str, profile: str, args: str) ->
     by: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by[r["suite"]].append(r)
-    parts = [HEAD.format(args=args, date=time.strftime("%Y-%m-%d"), kernel=platform.release(),
-                         python=platform.python_version(), summary=summary,
-                         profile=profile)]
+    parts = [
+        HEAD.format(
+            args=args,
+            date=time.strftime("%Y-%m-%d"),
+            kernel=platform.release(),
+            python=platform.python_version(),
+            summary=summary,
+            profile=profile,
+        )
+    ]
     adv = by["adversarial"]
     parts.append("\n## Safety under attack\n\nWrong unmounts must be 0 in every row.\n\n")
-    parts.append(_table(["case", "attempts", "wrong unmounts", "what happened"],
-                        [[r["case"], str(r["attempts"]), str(r["wrong_unmounts"]), r["detail"]]
-                         for r in adv]))
-    parts.append(f"\nTotal: {sum(r['attempts'] for r in adv)} attempts, "
-                 f"{sum(r['wrong_unmounts'] for r in adv)} wrong unmounts.\n")
+    parts.append(
+        _table(
+            ["case", "attempts", "wrong unmounts", "what happened"],
+            [[r["case"], str(r["attempts"]), str(r["wrong_unmounts"]), r["detail"]] for r in adv],
+        )
+    )
+    parts.append(
+        f"\nTotal: {sum(r['attempts'] for r in adv)} attempts, "
+        f"{sum(r['wrong_unmounts'] for r in adv)} wrong unmounts.\n"
+    )
     parts.append("\n## Faults\n\n")
-    parts.append(_table(["fault", "expected", "observed"],
-                        [[r["case"], r["expected"], r["observed"]] for r in by["faults"]]))
-    parts.append("\n## Soak\n\nPass: RSS growth < 1024 kB after warm-up, flat fd count, "
-                 "no missed reap, every decision logged.\n\n")
-    parts.append(_table(["run", "rounds", "reaps", "missed", "RSS growth (kB)", "open fds",
-                         "logged"],
-                        [[r["case"], str(r["rounds"]), str(r["reaps"]), str(r["missed"]),
-                          str(r["rss_growth_kb"]), r["fds"], r["logged"]] for r in by["soak"]]))
+    parts.append(
+        _table(
+            ["fault", "expected", "observed"],
+            [[r["case"], r["expected"], r["observed"]] for r in by["faults"]],
+        )
+    )
+    parts.append(
+        "\n## Soak\n\nPass: RSS growth < 1024 kB after warm-up, flat fd count, "
+        "no missed reap, every decision logged.\n\n"
+    )
+    parts.append(
+        _table(
+            ["run", "rounds", "reaps", "missed", "RSS growth (kB)", "open fds", "logged"],
+            [
+                [
+                    r["case"],
+                    str(r["rounds"]),
+                    str(r["reaps"]),
+                    str(r["missed"]),
+                    str(r["rss_growth_kb"]),
+                    r["fds"],
+                    r["logged"],
+                ]
+                for r in by["soak"]
+            ],
+        )
+    )
     return "".join(parts) + STATIC
 
 
 _T = "tests/test_daemon.py::test_"
 ELSEWHERE = [
-    ["no CAP_SYS_ADMIN (setpriv drops it)", _T + "without_cap_sys_admin_it_exits_77_and_says_why",
-     "exit 77 naming CAP_SYS_ADMIN; RestartPreventExitStatus=77 78 in the unit: no crash loop"],
-    ["garbage mountinfo lines (simulated, see below)",
-     _T + "malformed_mountinfo_lines_are_skipped_with_a_warning_and_the_loop_goes_on",
-     "each line skipped with a warning; the loop and the reap go on"],
-    ["config invalid, world-writable, not root-owned, symlink, FIFO, directory (loader)",
-     "tests/test_config.py", "refused, the message names file and key"],
-    ["plan: only targets, never the deny-list; children before parents, top before bottom",
-     "tests/test_plan.py (hypothesis; `--deep`: 100 000 tables)", "property holds"],
-    ["parser round-trips every escaped path (any code point but NUL, raw bytes too)",
-     "tests/test_mountinfo.py (hypothesis; `--deep`)", "property holds"],
-    ["metrics textfile: O_EXCL|O_NOFOLLOW temp file, rename in its directory, planted symlink",
-     "tests/test_metrics.py", "symlink replaced, never followed"],
+    [
+        "no CAP_SYS_ADMIN (setpriv drops it)",
+        _T + "without_cap_sys_admin_it_exits_77_and_says_why",
+        "exit 77 naming CAP_SYS_ADMIN; RestartPreventExitStatus=77 78 in the unit: no crash loop",
+    ],
+    [
+        "garbage mountinfo lines (simulated, see below)",
+        _T + "malformed_mountinfo_lines_are_skipped_with_a_warning_and_the_loop_goes_on",
+        "each line skipped with a warning; the loop and the reap go on",
+    ],
+    [
+        "config invalid, world-writable, not root-owned, symlink, FIFO, directory (loader)",
+        "tests/test_config.py",
+        "refused, the message names file and key",
+    ],
+    [
+        "plan: only targets, never the deny-list; children before parents, top before bottom",
+        "tests/test_plan.py (hypothesis; `--deep`: 100 000 tables)",
+        "property holds",
+    ],
+    [
+        "parser round-trips every escaped path (any code point but NUL, raw bytes too)",
+        "tests/test_mountinfo.py (hypothesis; `--deep`)",
+        "property holds",
+    ],
+    [
+        "metrics textfile: O_EXCL|O_NOFOLLOW temp file, rename in its directory, planted symlink",
+        "tests/test_metrics.py",
+        "symlink replaced, never followed",
+    ],
 ]
-STATIC = "\n## Covered elsewhere (run by the same command)\n\n" + _table(
-    ["fault", "test", "expected"], ELSEWHERE) + """
+STATIC = (
+    "\n## Covered elsewhere (run by the same command)\n\n"
+    + _table(["fault", "test", "expected"], ELSEWHERE)
+    + """
 ## Simulated, and how
 
 - *Garbage mountinfo*: fed through the parser, see above.
@@ -83,9 +134,11 @@ STATIC = "\n## Covered elsewhere (run by the same command)\n\n" + _table(
   `socket(AF_NETLINK)` for the daemon process, as a seccomp profile would.
 - *No /proc/1*: an empty read-only tmpfs over `/proc/1` in the test's mount namespace.
 - *No journal socket*: the test namespace has a fresh `/run`, so there is no socket at all.
-- *Systemd*: a fake systemd/logind on a private dbus-daemon (tests/support/fake_systemd.py), the real
-  daemon process talking to it through `DBUS_SYSTEM_BUS_ADDRESS`.
+- *Systemd*: a fake systemd/logind on a private dbus-daemon
+  (tests/support/fake_systemd.py), the real daemon process talking to it through
+  `DBUS_SYSTEM_BUS_ADDRESS`.
 """
+)
 
 
 if __name__ == "__main__":

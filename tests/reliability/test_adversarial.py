@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import os
 
-from tests.support import node
 from calico_mount_reaper import mountinfo
 from calico_mount_reaper.config import Config
 from calico_mount_reaper.liveness import Liveness
@@ -18,6 +17,8 @@ from calico_mount_reaper.mountinfo import Mount
 from calico_mount_reaper.plan import Mode
 from calico_mount_reaper.reaper import run_pass
 from calico_mount_reaper.unmount import BusyPolicy, Result, unmount_planned
+
+from tests.support import node
 from tests.support.figures import record
 from tests.support.nsutil import in_namespace, mount
 
@@ -64,8 +65,11 @@ def _racing_swap(iterations: int) -> dict[str, int]:
         while counts["attempts"] < iterations and counts["flipped_paths"] < 20 * iterations:
             mount("none", again, "cgroup2")
             table = _table()
-            planned = [m for m in table.values()
-                       if m.mount_point == "/run/calico/cgroup" and m.fstype == "cgroup2"]
+            planned = [
+                m
+                for m in table.values()
+                if m.mount_point == "/run/calico/cgroup" and m.fstype == "cgroup2"
+            ]
             decoy = [m.mount_id for m in table.values() if m.mount_point.startswith("/run/decoy")]
             if not planned:  # the plan saw the real directory under its swapped name
                 counts["flipped_paths"] += 1
@@ -91,9 +95,13 @@ def _racing_swap(iterations: int) -> dict[str, int]:
 
 def test_racing_symlink_swap_of_the_parent_never_unmounts_the_other_cgroup2_mount() -> None:
     counts = in_namespace(_racing_swap, RACE_ITERATIONS, timeout=600)
-    record("adversarial", "racing swap: /run/calico <-> symlink to a tree with another cgroup2",
-           attempts=counts["attempts"], wrong_unmounts=counts["wrong"],
-           detail=f"{counts['unmounted']} unmounted, {counts['refused']} refused")
+    record(
+        "adversarial",
+        "racing swap: /run/calico <-> symlink to a tree with another cgroup2",
+        attempts=counts["attempts"],
+        wrong_unmounts=counts["wrong"],
+        detail=f"{counts['unmounted']} unmounted, {counts['refused']} refused",
+    )
     assert counts["wrong"] == 0, counts
     # The race must really have been run: every attempt made, and both outcomes seen.
     assert counts["attempts"] >= RACE_ITERATIONS, counts
@@ -123,8 +131,13 @@ def _id_reuse(same_path: bool) -> dict[str, object]:
 
 def test_mount_id_reused_at_the_same_path_by_another_filesystem_is_refused() -> None:
     out = in_namespace(_id_reuse, True)
-    record("adversarial", "mount ID reused at the same path (tmpfs gets the planned ID)",
-           attempts=1, wrong_unmounts=int(not out["newcomer_alive"]), detail=out["result"].value)  # type: ignore[attr-defined]
+    record(
+        "adversarial",
+        "mount ID reused at the same path (tmpfs gets the planned ID)",
+        attempts=1,
+        wrong_unmounts=int(not out["newcomer_alive"]),
+        detail=out["result"].value,
+    )  # type: ignore[attr-defined]
     assert out["reused"], "the kernel did not reuse the ID: the case tests nothing"
     assert out["result"] is Result.REFUSED, out
     assert out["newcomer_alive"]
@@ -132,8 +145,13 @@ def test_mount_id_reused_at_the_same_path_by_another_filesystem_is_refused() -> 
 
 def test_mount_id_reused_elsewhere_is_refused() -> None:
     out = in_namespace(_id_reuse, False)
-    record("adversarial", "mount ID reused elsewhere (tmpfs at another path)",
-           attempts=1, wrong_unmounts=int(not out["newcomer_alive"]), detail=out["result"].value)  # type: ignore[attr-defined]
+    record(
+        "adversarial",
+        "mount ID reused elsewhere (tmpfs at another path)",
+        attempts=1,
+        wrong_unmounts=int(not out["newcomer_alive"]),
+        detail=out["result"].value,
+    )  # type: ignore[attr-defined]
     assert out["reused"], "the kernel did not reuse the ID: the case tests nothing"
     assert out["result"] in (Result.REFUSED, Result.ALREADY_GONE), out
     assert out["newcomer_alive"]
@@ -168,8 +186,13 @@ def _bind_of_host_cgroup() -> dict[str, object]:
 
 def test_a_bind_of_the_host_cgroup2_hierarchy_goes_and_the_source_stays() -> None:
     out = in_namespace(_bind_of_host_cgroup)
-    record("adversarial", "bind of the host cgroup2 hierarchy onto /run/calico/cgroup", attempts=1,
-           wrong_unmounts=int(not out["host_alive"]), detail="bind reaped, source intact")
+    record(
+        "adversarial",
+        "bind of the host cgroup2 hierarchy onto /run/calico/cgroup",
+        attempts=1,
+        wrong_unmounts=int(not out["host_alive"]),
+        detail="bind reaped, source intact",
+    )
     assert out["host_alive"]
     assert out["bind_left"] == 0
     assert out["results"] == [Result.UNMOUNTED]
@@ -192,8 +215,13 @@ def _shadowed_pass() -> dict[str, object]:
 
 def test_a_target_shadowed_by_a_non_target_is_reported_and_nothing_is_touched() -> None:
     out = in_namespace(_shadowed_pass)
-    record("adversarial", "non-target tmpfs over /run/calico shadows the target", attempts=1,
-           wrong_unmounts=int(not out["unchanged"]), detail="refused, reported as remaining")
+    record(
+        "adversarial",
+        "non-target tmpfs over /run/calico shadows the target",
+        attempts=1,
+        wrong_unmounts=int(not out["unchanged"]),
+        detail="refused, reported as remaining",
+    )
     assert out["unchanged"]
     assert out["results"] and set(out["results"]) == {Result.REFUSED}  # type: ignore[arg-type]
     assert out["remaining"] == ["/run/calico/cgroup"]
@@ -220,8 +248,12 @@ def _every_byte() -> dict[str, object]:
     decoy_lines = [line for line in _raw_lines() if "/run/calico-decoy/" in line]
     report = run_pass(Config(), Mode.NORMAL, liveness=Liveness())
     return {
-        "parsed": sorted(m.mount_point for m in mountinfo.read().mounts
-                         if m.mount_point.startswith("/run/calico-decoy/")) == sorted(decoys),
+        "parsed": sorted(
+            m.mount_point
+            for m in mountinfo.read().mounts
+            if m.mount_point.startswith("/run/calico-decoy/")
+        )
+        == sorted(decoys),
         "decoys_kept": [line for line in _raw_lines() if "/run/calico-decoy/" in line]
         == decoy_lines,
         "targets_left": [p for p in targets if _at(p)],
@@ -231,8 +263,13 @@ def _every_byte() -> dict[str, object]:
 
 def test_mount_points_with_every_byte_are_reaped_by_their_real_path() -> None:
     out = in_namespace(_every_byte)
-    record("adversarial", "mount points holding every byte 0x01-0xff (but '/')", attempts=2,
-           wrong_unmounts=int(not out["decoys_kept"]), detail="both reaped, decoys intact")
+    record(
+        "adversarial",
+        "mount points holding every byte 0x01-0xff (but '/')",
+        attempts=2,
+        wrong_unmounts=int(not out["decoys_kept"]),
+        detail="both reaped, decoys intact",
+    )
     assert out["parsed"] and out["decoys_kept"]
     assert out["targets_left"] == []
     assert out["results"] == [Result.UNMOUNTED, Result.UNMOUNTED]
@@ -260,18 +297,25 @@ def _near_path_max() -> dict[str, object]:
     report = run_pass(Config(), Mode.NORMAL, liveness=Liveness())
     return {
         "near_gone": not _at(near),
-        "too_long": [(len(o.mount.mount_point), o.result, o.detail) for o in report.outcomes
-                     if len(o.mount.mount_point) >= 4096],
-        "decoy_kept": before == {m.mount_id for m in mountinfo.read().mounts
-                                 if m.mount_point == decoy},
+        "too_long": [
+            (len(o.mount.mount_point), o.result, o.detail)
+            for o in report.outcomes
+            if len(o.mount.mount_point) >= 4096
+        ],
+        "decoy_kept": before
+        == {m.mount_id for m in mountinfo.read().mounts if m.mount_point == decoy},
     }
 
 
 def test_paths_near_and_beyond_path_max() -> None:
     out = in_namespace(_near_path_max)
-    record("adversarial", "mount points of 4095 bytes and beyond PATH_MAX", attempts=2,
-           wrong_unmounts=int(not out["decoy_kept"]),
-           detail="4095: reaped; >4096: refused with ENAMETOOLONG, nothing touched")
+    record(
+        "adversarial",
+        "mount points of 4095 bytes and beyond PATH_MAX",
+        attempts=2,
+        wrong_unmounts=int(not out["decoy_kept"]),
+        detail="4095: reaped; >4096: refused with ENAMETOOLONG, nothing touched",
+    )
     assert out["decoy_kept"]
     # The longer mount sits inside the 4095-byte one; the pass cannot reach it by path: it says
     # so (refused, naming the error) and then cannot unmount its parent either (busy/refused).
@@ -299,15 +343,21 @@ def _var_run(real_dir: bool) -> dict[str, object]:
         "shown": shown,
         "results": [o.result for o in report.outcomes],
         "decoy_alive": decoy.mount_id in _table(),
-        "left": [m.mount_point for m in mountinfo.read().mounts
-                 if "calico/cgroup" in m.mount_point],
+        "left": [
+            m.mount_point for m in mountinfo.read().mounts if "calico/cgroup" in m.mount_point
+        ],
     }
 
 
 def test_var_run_as_a_symlink() -> None:
     out = in_namespace(_var_run, False)
-    record("adversarial", "/var/run a symlink to /run", attempts=1,
-           wrong_unmounts=int(not out["decoy_alive"]), detail="reaped as /run/calico/cgroup")
+    record(
+        "adversarial",
+        "/var/run a symlink to /run",
+        attempts=1,
+        wrong_unmounts=int(not out["decoy_alive"]),
+        detail="reaped as /run/calico/cgroup",
+    )
     assert out["shown"] == ["/run/calico/cgroup"]
     assert out["results"] == [Result.UNMOUNTED] and out["left"] == []
     assert out["decoy_alive"]
@@ -315,8 +365,13 @@ def test_var_run_as_a_symlink() -> None:
 
 def test_var_run_as_a_real_directory() -> None:
     out = in_namespace(_var_run, True)
-    record("adversarial", "/var/run a real directory", attempts=1,
-           wrong_unmounts=int(not out["decoy_alive"]), detail="reaped as /var/run/calico/cgroup")
+    record(
+        "adversarial",
+        "/var/run a real directory",
+        attempts=1,
+        wrong_unmounts=int(not out["decoy_alive"]),
+        detail="reaped as /var/run/calico/cgroup",
+    )
     assert out["shown"] == ["/var/run/calico/cgroup"]
     assert out["results"] == [Result.UNMOUNTED] and out["left"] == []
     assert out["decoy_alive"]
@@ -343,9 +398,13 @@ def _read_only_parent() -> dict[str, object]:
 
 def test_a_target_under_a_read_only_parent_is_unmounted_and_its_directory_kept() -> None:
     out = in_namespace(_read_only_parent)
-    record("adversarial", "target under a read-only parent", attempts=1,
-           wrong_unmounts=int(not out["parent_alive"]),
-           detail="unmounted; mount-point directory kept (EROFS)")
+    record(
+        "adversarial",
+        "target under a read-only parent",
+        attempts=1,
+        wrong_unmounts=int(not out["parent_alive"]),
+        detail="unmounted; mount-point directory kept (EROFS)",
+    )
     assert out["ro"]
     assert out["results"][0] is Result.UNMOUNTED and out["left"] == 0  # type: ignore[index]
     assert out["parent_alive"] and out["dir_kept"] and out["removed"] == []

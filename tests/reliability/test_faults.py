@@ -17,16 +17,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from tests.support.daemon_harness import DaemonRun, owner_exe
-from tests.support.figures import record
 from tests.support.fault_launchers import NO_NETLINK
+from tests.support.figures import record
 
 ROW = "faults"
 # A rule of our own, with an owner name nothing else on the machine uses: other test runs on the
 # same host may have calico-node processes alive, and owners count in any PID namespace.
 CGROUP = "/run/reltest/cgroup"
-RULE = ('[[target]]\nname = "reltest"\nprefix = "/run/reltest"\nfstypes = ["cgroup2"]\n'
-        'owners = ["reltest-owner"]\n')
+RULE = (
+    '[[target]]\nname = "reltest"\nprefix = "/run/reltest"\nfstypes = ["cgroup2"]\n'
+    'owners = ["reltest-owner"]\n'
+)
 
 
 def conf(extra: str = "grace_period = 0.2\n") -> str:
@@ -66,9 +69,12 @@ def test_sigkill_mid_reap_then_restart_converges(tmp_path: Path) -> None:
         d.wait_until(lambda: d.mounted(CGROUP) == 0, what="the restart finishing the reap")
         assert d.mounted("/run/reltest2") == 1
         assert d.stop() == 0
-    record(ROW, "SIGKILL in the middle of a reap (EBUSY backoff), then restart",
-           expected="restart finishes the reap; nothing else touched",
-           observed="converged: 3/3 layers gone, decoy intact")
+    record(
+        ROW,
+        "SIGKILL in the middle of a reap (EBUSY backoff), then restart",
+        expected="restart finishes the reap; nothing else touched",
+        observed="converged: 3/3 layers gone, decoy intact",
+    )
 
 
 # ---- the D-Bus daemon going away and coming back -----------------------------------------------
@@ -83,8 +89,7 @@ def test_bus_outage_with_a_kubelet_stop_during_it_is_not_missed(tmp_path: Path) 
     bus.tell("unitfile kubelet.service enabled")
     bus.tell("active kubelet.service active")
     try:
-        with DaemonRun(tmp_path, config=conf(),
-                           env={"DBUS_SYSTEM_BUS_ADDRESS": bus.address}) as d:
+        with DaemonRun(tmp_path, config=conf(), env={"DBUS_SYSTEM_BUS_ADDRESS": bus.address}) as d:
             # A kubelet process keeps the target held while the bus is away (degraded mode
             # judges kubelet by its process); only the bus can tell that the unit stopped.
             kubelet = d.shell.popen([owner_exe(tmp_path, "kubelet"), "600"])
@@ -112,9 +117,12 @@ def test_bus_outage_with_a_kubelet_stop_during_it_is_not_missed(tmp_path: Path) 
                 kubelet.wait()
     finally:
         bus.stop()
-    record(ROW, "D-Bus daemon gone, kubelet.service stopped during the outage, bus back",
-           expected="reconnect, Subscribe again, read state, reap",
-           observed=f"re-subscribed once; reaped {took:.1f} s after the bus came back")
+    record(
+        ROW,
+        "D-Bus daemon gone, kubelet.service stopped during the outage, bus back",
+        expected="reconnect, Subscribe again, read state, reap",
+        observed=f"re-subscribed once; reaped {took:.1f} s after the bus came back",
+    )
 
 
 # ---- no netlink, no journal socket, no /proc/1 -------------------------------------------------
@@ -128,9 +136,12 @@ def test_no_netlink_degrades_and_still_reaps(tmp_path: Path) -> None:
         d.mount("cgroup2", CGROUP)
         d.wait_until(lambda: d.mounted(CGROUP) == 0, what="reap without netlink")
         assert d.stop() == 0
-    record(ROW, "no netlink (seccomp: socket(AF_NETLINK) -> EAFNOSUPPORT)",
-           expected="DEGRADED entry, mount watching and reaping go on",
-           observed="degraded entry logged; target reaped; clean exit")
+    record(
+        ROW,
+        "no netlink (seccomp: socket(AF_NETLINK) -> EAFNOSUPPORT)",
+        expected="DEGRADED entry, mount watching and reaping go on",
+        observed="degraded entry logged; target reaped; clean exit",
+    )
 
 
 def test_no_journal_socket_logs_to_stderr_and_still_reaps(daemon: DaemonRun) -> None:
@@ -142,8 +153,12 @@ def test_no_journal_socket_logs_to_stderr_and_still_reaps(daemon: DaemonRun) -> 
     daemon.wait_until(lambda: daemon.mounted(CGROUP) == 0, what="reap")
     daemon.wait_log(f"reaped {CGROUP}")
     assert "<5>" in daemon.log() or "<6>" in daemon.log()  # stderr with syslog priorities
-    record(ROW, "no journal socket", expected="entries on stderr with <N> prefixes, no loss",
-           observed="reap entry on stderr; daemon unaffected")
+    record(
+        ROW,
+        "no journal socket",
+        expected="entries on stderr with <N> prefixes, no loss",
+        observed="reap entry on stderr; daemon unaffected",
+    )
 
 
 def test_no_proc_1_access(daemon: DaemonRun) -> None:
@@ -155,26 +170,34 @@ def test_no_proc_1_access(daemon: DaemonRun) -> None:
     # It cannot tell whether it shares PID 1's namespace, so it must not claim that it doesn't.
     assert "not in the host's mount namespace" not in daemon.log()
     assert daemon.stop() == 0
-    record(ROW, "no /proc/1 access (empty tmpfs over /proc/1)",
-           expected="namespace check skipped (cannot tell), no crash, reaps",
-           observed="started, reaped, clean exit; no false namespace alarm")
+    record(
+        ROW,
+        "no /proc/1 access (empty tmpfs over /proc/1)",
+        expected="namespace check skipped (cannot tell), no crash, reaps",
+        observed="started, reaped, clean exit; no false namespace alarm",
+    )
 
 
 # ---- EBUSY holders that never let go ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("detach", [True, False])
-def test_ebusy_forever_bounded_retries_then_detach_or_refusal(tmp_path: Path,
-                                                              detach: bool) -> None:
-    rule = "" if detach else (
-        '[[target]]\nname = "nodetach"\nprefix = "/run/held"\nfstypes = ["cgroup2"]\n'
-        'owners = ["nobody-owns-this"]\ndetach_on_busy = false\n')
+def test_ebusy_forever_bounded_retries_then_detach_or_refusal(tmp_path: Path, detach: bool) -> None:
+    rule = (
+        ""
+        if detach
+        else (
+            '[[target]]\nname = "nodetach"\nprefix = "/run/held"\nfstypes = ["cgroup2"]\n'
+            'owners = ["nobody-owns-this"]\ndetach_on_busy = false\n'
+        )
+    )
     point = CGROUP if detach else "/run/held/cgroup"
     config = conf(f"grace_period = 0.2\nbusy_retries = 3\nbusy_backoff = 0.05\n{rule}")
     with DaemonRun(tmp_path, config=config) as d:
         d.mount("cgroup2", point)
         holder = d.shell.popen(
-            ["sh", "-c", f"cd {point} && exec {owner_exe(tmp_path, 'stubborn')} 600"])
+            ["sh", "-c", f"cd {point} && exec {owner_exe(tmp_path, 'stubborn')} 600"]
+        )
         try:
             d.start()
             d.wait_notify("READY=1")
@@ -193,10 +216,13 @@ def test_ebusy_forever_bounded_retries_then_detach_or_refusal(tmp_path: Path,
             holder.wait()
     assert took < 5  # 3 retries with 0.05 s doubling backoff: well under a second of waiting
     how = "detach allowed" if detach else "detach_on_busy = false"
-    record(ROW, f"EBUSY holder that never lets go ({how})",
-           expected="bounded retries, blockers named, " + ("MNT_DETACH" if detach else "refused"),
-           observed=f"blocker named after {took:.2f} s; "
-           + ("detached" if detach else "left mounted, REAP_FAILED logged"))
+    record(
+        ROW,
+        f"EBUSY holder that never lets go ({how})",
+        expected="bounded retries, blockers named, " + ("MNT_DETACH" if detach else "refused"),
+        observed=f"blocker named after {took:.2f} s; "
+        + ("detached" if detach else "left mounted, REAP_FAILED logged"),
+    )
 
 
 # ---- read-only /run ----------------------------------------------------------------------------
@@ -210,8 +236,12 @@ def test_read_only_run(daemon: DaemonRun) -> None:
     daemon.wait_until(lambda: daemon.mounted(CGROUP) == 0, what="reap on a read-only /run")
     assert daemon.sh(f"test -d {CGROUP} && echo kept").strip() == "kept"  # rmdir: EROFS
     assert daemon.stop() == 0
-    record(ROW, "read-only /run", expected="unmount works (needs no write); directory kept",
-           observed="reaped; mount-point directory kept; clean exit")
+    record(
+        ROW,
+        "read-only /run",
+        expected="unmount works (needs no write); directory kept",
+        observed="reaped; mount-point directory kept; clean exit",
+    )
 
 
 # ---- config refused ------------------------------------------------------------------------------
@@ -244,8 +274,12 @@ def test_untrusted_or_invalid_config_is_refused_with_exit_78(tmp_path: Path, kin
         assert d.mounted(CGROUP) == 1  # nothing unmounted on a refused config
     assert code == 78, d.log()
     assert str(path) in d.log()
-    record(ROW, f"config {kind}", expected="refused, file named, exit 78 (no restart loop)",
-           observed=f"exit {code}; message names {path.name}")
+    record(
+        ROW,
+        f"config {kind}",
+        expected="refused, file named, exit 78 (no restart loop)",
+        observed=f"exit {code}; message names {path.name}",
+    )
 
 
 # ---- a 100k-mount table --------------------------------------------------------------------------
@@ -285,9 +319,13 @@ def test_a_huge_mount_table(tmp_path: Path) -> None:
         assert d.proc is not None and d.proc.poll() is None
         rss = d.rss_kb()
         assert d.stop(60) == 0
-    record(ROW, f"{rows}-mount table", expected="works, bounded latency",
-           observed=f"{n} mounts made in {made:.1f} s; READY after {ready:.1f} s; target "
-           f"reaped {reap:.1f} s after mount; RSS {rss // 1024} MiB")
+    record(
+        ROW,
+        f"{rows}-mount table",
+        expected="works, bounded latency",
+        observed=f"{n} mounts made in {made:.1f} s; READY after {ready:.1f} s; target "
+        f"reaped {reap:.1f} s after mount; RSS {rss // 1024} MiB",
+    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ from tests.support.figures import record
 
 SECONDS = float(os.environ.get("RELIABILITY_SOAK_SECONDS", "60"))
 CGROUP = "/run/soak/cgroup"
-CONFIG = ('grace_period = 0.2\n[[target]]\nname = "soak"\nprefix = "/run/soak"\n'
-          'fstypes = ["cgroup2"]\nowners = ["soak-owner"]\n')
+CONFIG = (
+    'grace_period = 0.2\n[[target]]\nname = "soak"\nprefix = "/run/soak"\n'
+    'fstypes = ["cgroup2"]\nowners = ["soak-owner"]\n'
+)
 _STORM = """
 import ctypes, os
 libc = ctypes.CDLL(None, use_errno=True)
@@ -40,8 +42,10 @@ for p in paths:
 def _mount_target(d: DaemonRun) -> None:
     # The daemon removes the emptied directory after a reap, possibly between our mkdir and
     # mount: make both again until the mount lands.
-    d.sh(f"for i in 1 2 3 4 5 6 7 8; do mkdir -p {CGROUP} && "
-         f"mount -t cgroup2 none {CGROUP} 2>/dev/null && exit 0; sleep 0.05; done; exit 1")
+    d.sh(
+        f"for i in 1 2 3 4 5 6 7 8; do mkdir -p {CGROUP} && "
+        f"mount -t cgroup2 none {CGROUP} 2>/dev/null && exit 0; sleep 0.05; done; exit 1"
+    )
 
 
 def test_soak(tmp_path: Path) -> None:
@@ -103,10 +107,17 @@ def test_soak(tmp_path: Path) -> None:
     logged_in_use = log.count(f"{CGROUP}: left alone, in use by soak-owner")
     growth = end[0] - baseline[0]
     missed = reaps.count(False)
-    record("soak", f"{SECONDS:.0f} s mixed load", rounds=rounds, reaps=reaps.count(True),
-           missed=missed, rss_growth_kb=growth, fds=f"{baseline[1]} -> {end[1]}",
-           logged=f"{logged_reaps} reaps, {logged_in_use} in-use decisions",
-           stop=f"{stop_took:.1f} s")
+    record(
+        "soak",
+        f"{SECONDS:.0f} s mixed load",
+        rounds=rounds,
+        reaps=reaps.count(True),
+        missed=missed,
+        rss_growth_kb=growth,
+        fds=f"{baseline[1]} -> {end[1]}",
+        logged=f"{logged_reaps} reaps, {logged_in_use} in-use decisions",
+        stop=f"{stop_took:.1f} s",
+    )
     assert missed == 0 and len(reaps) == 2 * rounds, (missed, len(reaps), rounds, misses)
     assert held_ok == rounds  # the owner's mount was never reaped while it lived
     assert logged_reaps == len(reaps), log[-3000:]

@@ -29,9 +29,14 @@ def owner_exe(directory: Path | str, name: str = "calico-node") -> str:
 
 
 class DaemonRun:
-    def __init__(self, tmp: Path, config: str = "grace_period = 1\n",
-                 env: dict[str, str] | None = None, net: bool = True,
-                 wrapper: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        config: str = "grace_period = 1\n",
+        env: dict[str, str] | None = None,
+        net: bool = True,
+        wrapper: Sequence[str] = (),
+    ) -> None:
         """``wrapper`` (``setpriv ...``, a seccomp launcher) puts the daemon under a fault."""
         self.tmp = tmp
         self.wrapper = list(wrapper)
@@ -58,9 +63,19 @@ class DaemonRun:
         env.update(self.env)
         with open(self.log_path, "ab") as log:
             self.proc = self.shell.popen(
-                [*self.wrapper, sys.executable, "-m", "calico_mount_reaper", "run", "--config",
-                 str(self.config_path), *extra],
-                stdout=log, stderr=log, env=env,
+                [
+                    *self.wrapper,
+                    sys.executable,
+                    "-m",
+                    "calico_mount_reaper",
+                    "run",
+                    "--config",
+                    str(self.config_path),
+                    *extra,
+                ],
+                stdout=log,
+                stderr=log,
+                env=env,
             )
 
     # ---- observing ----------------------------------------------------------------------------
@@ -98,8 +113,9 @@ class DaemonRun:
             time.sleep(0.02)
         raise AssertionError(f"log has no {text!r}:\n{self.log()}")
 
-    def wait_until(self, predicate: Callable[[], bool], timeout: float = 10,
-                   what: str = "condition") -> float:
+    def wait_until(
+        self, predicate: Callable[[], bool], timeout: float = 10, what: str = "condition"
+    ) -> float:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if predicate():

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from calico_mount_reaper import liveness, mountinfo
+
 from tests.support.nsutil import mount
 
 # Mount points with every byte the kernel escapes in mountinfo (space, tab, newline, backslash).
@@ -47,8 +48,9 @@ def mount_at(fstype: str, path: str) -> None:
     mount("none", path, fstype)
 
 
-def build(targets: tuple[tuple[str, str], ...] = TARGETS,
-          decoys: tuple[tuple[str, str], ...] = DECOYS) -> None:
+def build(
+    targets: tuple[tuple[str, str], ...] = TARGETS, decoys: tuple[tuple[str, str], ...] = DECOYS
+) -> None:
     """Mount decoys first and targets after, interleaved as on a real node."""
     for fstype, path in decoys:
         mount_at(fstype, path)
@@ -68,7 +70,8 @@ def points(path: str = "/proc/self/mountinfo") -> list[str]:
 def is_under_target(point: str) -> bool:
     norm = point.replace("/var/run/", "/run/", 1)
     return norm.startswith(("/run/calico/", "/run/cilium/cgroupv2/")) or norm in (
-        "/run/calico", "/run/cilium/cgroupv2",
+        "/run/calico",
+        "/run/cilium/cgroupv2",
     )
 
 

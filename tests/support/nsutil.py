@@ -43,7 +43,10 @@ def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "")
     """mount(2) for tests (only ever called inside a private namespace)."""
     _check(
         _libc.mount(
-            os.fsencode(source), os.fsencode(target), os.fsencode(fstype), flags,
+            os.fsencode(source),
+            os.fsencode(target),
+            os.fsencode(fstype),
+            flags,
             os.fsencode(data) if data else None,
         ),
         f"mount {fstype} on {target!r}",

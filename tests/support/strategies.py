@@ -150,13 +150,17 @@ def kernel_tables(draw: st.DrawFn, max_mounts: int = 40) -> tuple[Mount, ...]:
     # (restack, pick, path, fstype) per mount: one draw for the whole table keeps it cheap.
     specs = draw(
         st.lists(
-            st.tuples(st.integers(0, 3), st.integers(0, 1 << 16), mount_paths,
-                      st.sampled_from(FSTYPES)),
+            st.tuples(
+                st.integers(0, 3), st.integers(0, 1 << 16), mount_paths, st.sampled_from(FSTYPES)
+            ),
             max_size=max_mounts,
         )
     )
-    ids = draw(st.lists(st.integers(2, 10_000), min_size=len(specs) + 1,
-                        max_size=len(specs) + 1, unique=True))
+    ids = draw(
+        st.lists(
+            st.integers(2, 10_000), min_size=len(specs) + 1, max_size=len(specs) + 1, unique=True
+        )
+    )
     # The namespace root's parent lies outside the namespace, so it is not in the table.
     mounts = [_mount(ids[0], 1, "/", "ext4", 0)]
     for i, (restack, pick, point, fstype) in enumerate(specs, start=1):
@@ -172,11 +176,13 @@ def kernel_tables(draw: st.DrawFn, max_mounts: int = 40) -> tuple[Mount, ...]:
 def corrupt_tables(draw: st.DrawFn, max_mounts: int = 30) -> tuple[Mount, ...]:
     """Unique IDs, but parent links at random: loops, self-parents and dangling parents."""
     specs = draw(
-        st.lists(st.tuples(st.integers(0, 1 << 16), mount_paths, st.sampled_from(FSTYPES)),
-                 min_size=1, max_size=max_mounts)
+        st.lists(
+            st.tuples(st.integers(0, 1 << 16), mount_paths, st.sampled_from(FSTYPES)),
+            min_size=1,
+            max_size=max_mounts,
+        )
     )
-    ids = draw(st.lists(st.integers(2, 200), min_size=len(specs), max_size=len(specs),
-                        unique=True))
+    ids = draw(st.lists(st.integers(2, 200), min_size=len(specs), max_size=len(specs), unique=True))
     candidates = [*ids, 1, 9999]  # 1 and 9999: parents outside the table
     order = draw(st.permutations(range(len(specs))))
     return tuple(
@@ -253,8 +259,9 @@ def render(mounts: Sequence[Mount]) -> str:
 # Any text the kernel could show for a path: everything but NUL, surrogates included because
 # non-UTF-8 bytes are decoded with surrogateescape.
 path_text = st.text(st.characters(blacklist_characters="\0", blacklist_categories=()))
-_WORD = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789_.,=:"), min_size=1,
-                max_size=12)
+_WORD = st.text(
+    st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789_.,=:"), min_size=1, max_size=12
+)
 _OPTIONAL_FIELD = st.one_of(
     st.integers(1, 10_000).map(lambda n: f"shared:{n}"),
     st.integers(1, 10_000).map(lambda n: f"master:{n}"),

@@ -92,5 +92,3 @@ class Bus:
                     if stream is not None:
                         stream.close()
         self.fake = self.daemon = None
-
-
