@@ -26,7 +26,12 @@ _MUST_ESCAPE = re.compile(r"[ \t\n\\]")
 
 @dataclass(frozen=True)
 class Mount:
-    """One line of mountinfo. ``index`` is the line's position: later lines are newer mounts."""
+    """One mount. ``index`` is its position in the table: a higher index is a newer mount.
+
+    ``mount_id``/``parent_id`` are the 32-bit IDs mountinfo shows (reused lowest-free-first);
+    ``unique_id``/``unique_parent_id`` are the 64-bit IDs of Linux 6.8+ (never reused), or None
+    when the table was read from mountinfo, which does not show them.
+    """
 
     mount_id: int
     parent_id: int
@@ -39,6 +44,8 @@ class Mount:
     source: str
     super_options: str
     index: int = 0
+    unique_id: int | None = None
+    unique_parent_id: int | None = None
 
     @property
     def propagation(self) -> str:

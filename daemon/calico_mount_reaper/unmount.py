@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import enum
 import errno
-import functools
 import os
 import sys
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
+from calico_mount_reaper.libc import call
 from calico_mount_reaper.mountinfo import Mount
 from calico_mount_reaper.mountinfo import read as read_mountinfo
 
@@ -53,25 +53,6 @@ _SPECIAL_FS_MAGIC = frozenset(
 )
 
 _STATFS_SIZE = 120  # sizeof(struct statfs) on 64-bit Linux; f_type (a long) comes first
-
-TYPE_CHECKING = False  # not typing's: see cli.py
-if TYPE_CHECKING:
-    import ctypes
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    """libc, loaded at the first syscall: `status` makes none, and ctypes is 2 ms of its start."""
-    import ctypes
-
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _libc_call(name: str, *args: object) -> int:
-    """Call libc's ``name``; 0 on success, else the errno it set."""
-    import ctypes
-
-    return 0 if getattr(_libc(), name)(*args) == 0 else ctypes.get_errno()
 
 
 class Result(enum.Enum):
@@ -129,7 +110,7 @@ def _statx_identity(
 
     buf = ctypes.create_string_buffer(_STATX_SIZE)
     flags = AT_NO_AUTOMOUNT | (0 if follow else AT_SYMLINK_NOFOLLOW)
-    err = _libc_call("statx", dir_fd, path, flags, STATX_MNT_ID, buf)
+    err = call("statx", dir_fd, path, flags, STATX_MNT_ID, buf)
     if err:
         if err == errno.ENOSYS:
             return None, ""
@@ -174,7 +155,7 @@ def mount_identity(path: str, dir_fd: int | None = None) -> tuple[int, str]:
 
 def _umount2(path: str, flags: int) -> int:
     """umount2(2); returns 0 or the errno."""
-    return _libc_call("umount2", os.fsencode(path), flags | UMOUNT_NOFOLLOW)
+    return call("umount2", os.fsencode(path), flags | UMOUNT_NOFOLLOW)
 
 
 def _open_parent(path: str) -> tuple[int, str]:
@@ -374,7 +355,7 @@ def _statfs_type(path: str) -> int:
     import ctypes
 
     buf = ctypes.create_string_buffer(_STATFS_SIZE)
-    err = _libc_call("statfs", os.fsencode(path), buf)
+    err = call("statfs", os.fsencode(path), buf)
     if err:
         raise OSError(err, os.strerror(err), path)
     f_type = int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], sys.byteorder)
