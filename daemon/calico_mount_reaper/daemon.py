@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from calico_mount_reaper import config as config_mod
-from calico_mount_reaper import grace, journal, liveness, metrics
+from calico_mount_reaper import grace, journal, liveness, metrics, mounttable
 from calico_mount_reaper.config import Config, ConfigError
 from calico_mount_reaper.mountinfo import ParseResult
 from calico_mount_reaper.notify import Notifier, watchdog_interval
@@ -90,6 +90,7 @@ class Daemon:
         self.faults = frozenset(filter(None, os.environ.get(FAULTS_ENV, "").split(",")))
 
         self.mount_watch = MountTableWatch(mountinfo_path)
+        self.mounts = mounttable.choose(mounttable.Switch(config.mount_api), path=mountinfo_path)
         self.coalescer = Coalescer(REREAD_INTERVAL)
         self.selector.register(self.mount_watch, selectors.EVENT_READ, self._on_mounts)
         self.owners = OwnerExits()
@@ -249,14 +250,35 @@ class Daemon:
         self.state.evaluate_at = when if current is None else min(current, when)
 
     def _read(self) -> ParseResult:
-        """Every read of the table goes through the watch: reading re-arms it."""
-        parsed = self.mount_watch.read(search_needles(self.config.rules))
+        """Every read of the table re-arms the watch first, so no change slips between."""
+        parsed = None
+        if self.mounts.table.api is mounttable.MountApi.LISTMOUNT:
+            self.mount_watch.rearm()
+            try:
+                parsed = self.mounts.table.read(self.config.rules)
+            except OSError as exc:  # refused after all, or the tree changed under the walk
+                self._mounts_degraded(f"listmount/statmount failed ({exc})", refused=True)
+        if parsed is None:
+            parsed = self.mount_watch.read(search_needles(self.config.rules))
         self.coalescer = self.coalescer.reread(self.clock())
         self.state.rereads += 1
         return parsed
 
     def _reread(self, now: float) -> None:
         self._apply(Table.of(self._read(), self.config), now)
+
+    def _mounts_degraded(self, reason: str, refused: bool) -> None:
+        """Read the table from mountinfo from now on; one DEGRADED entry if the kernel API was
+        refused (an old kernel without it is not degraded, just old)."""
+        self.mounts = mounttable.Choice(mounttable.MountinfoTable(self.mountinfo_path), reason)
+        if refused:
+            self._event(
+                "DEGRADED",
+                f"reading the mount table from mountinfo: {reason}",
+                logging.WARNING,
+                reason=reason,
+                result="no-listmount",
+            )
 
     def _apply(self, table: Table, now: float) -> None:
         """Take a fresh table as the current view and journal the target mounts that changed."""
@@ -425,6 +447,7 @@ class Daemon:
         text = f"watching {len(self.config.rules)} target rules; {len(items)} mounted"
         if held:
             text += f", {held} left alone ({items[0].reason if held == 1 else 'see journal'})"
+        text += f"; mount table: {self.mounts.table.api.value}"
         if self.bus is None:
             text += "; degraded: no D-Bus"
         self.notifier.status(text)
@@ -449,6 +472,9 @@ class Daemon:
                 result="kept-old",
             )
             return
+        if new.mount_api != self.config.mount_api:
+            switch = mounttable.Switch(new.mount_api)
+            self.mounts = mounttable.choose(switch, path=self.mountinfo_path)
         self.config = new
         self.state.liveness_stale = True
         # The rules may have changed, so the sites must be found again in a fresh read.
@@ -516,6 +542,8 @@ class Daemon:
                 result="wrong-namespace",
             )
         now = self.clock()
+        if self.mounts.refused:
+            self._mounts_degraded(self.mounts.reason, refused=True)
         self._connect_bus(now)
         self._open_udev()
         self._reread(now)
@@ -523,8 +551,10 @@ class Daemon:
         self.notifier.ready()
         self._event(
             "STARTED",
-            f"watching {len(self.config.rules)} target rules from {self.config.source}",
+            f"watching {len(self.config.rules)} target rules from {self.config.source}; "
+            f"mount table via {self.mounts.table.api.value}: {self.mounts.reason}",
             result="ready",
+            mount_api=self.mounts.table.api.value,
         )
         while not self.state.stop_requested:
             now = self.clock()

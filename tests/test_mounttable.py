@@ -1,0 +1,391 @@
+"""One mount-table interface, two back-ends: both must give the planner the same sites.
+
+- A property test over generated kernel tables: the pure half of the listmount back-end
+  (`to_mounts`: filter and order by unique ID) against the mountinfo parser, same sites, stacks,
+  shadowing and unmount order.
+- Real tables in private mount namespaces: the whole listmount read (statx, climb, listmount,
+  statmount) against mountinfo, for stacks, over-mounted parents, missing prefixes, propagated
+  copies and symlinked prefixes; once as this kernel lists (whole subtrees, 6.18) and once
+  trimmed to what Linux 6.8 lists (direct children only), which no kernel here can show.
+- The switch, the probe and its fallbacks, including a real seccomp filter that refuses the
+  calls the way a unit's SystemCallFilter= does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import struct
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import pytest
+from calico_mount_reaper import mountinfo
+from calico_mount_reaper.config import MOUNT_API_ENV, Config, ConfigError, from_mapping, load
+from calico_mount_reaper.mounttable import (
+    KernelTable,
+    MountApi,
+    MountinfoTable,
+    Switch,
+    choose,
+    nearest_existing,
+    outermost,
+    to_mounts,
+)
+from calico_mount_reaper.plan import Site, find_sites
+from calico_mount_reaper.statmount import ApiError, Kernel, MountRecord
+from calico_mount_reaper.targets import BUILTIN_RULES, Rule, search_needles
+from hypothesis import given
+
+from tests.support.nsutil import in_namespace, mount
+from tests.support.strategies import configs, kernel_tables, render
+
+MS_BIND, MS_SHARED = 4096, 1 << 20
+CUSTOM = Rule("custom", "/run/custom/deep", frozenset({"cgroup2"}), ("x",))
+RULES = (*BUILTIN_RULES, CUSTOM)
+
+
+def _has_kernel_api() -> bool:
+    try:
+        Kernel().statmount(Kernel().unique_mount_id("/"))
+    except OSError:
+        return False
+    return True
+
+
+needs_kernel_api = pytest.mark.skipif(not _has_kernel_api(), reason="needs Linux 6.8+")
+
+
+def signature(sites: Sequence[Site]) -> list[tuple[object, ...]]:
+    """What the planner decides by: sites in order, members in unmount order, each member's
+    identity and the fields shown to users."""
+    return [
+        (
+            s.mount_point,
+            s.rule.name,
+            tuple(m.mount_id for m in s.roots),
+            tuple(
+                (m.mount_id, m.parent_id, m.mount_point, m.fstype, m.major_minor, m.root)
+                for m in s.members
+            ),
+        )
+        for s in sites
+    ]
+
+
+# ---- the pure half, over generated tables -------------------------------------------------
+
+
+def _records(mounts: Sequence[Mount]) -> list[MountRecord]:
+    """The statmount answers for a table: unique IDs handed out in creation (line) order."""
+    base = 1 << 31
+    by_id = {m.mount_id: m for m in mounts}
+    return [
+        MountRecord(
+            unique_id=base + m.index,
+            unique_parent_id=base + by_id[m.parent_id].index if m.parent_id in by_id else base,
+            mount_id=m.mount_id,
+            parent_id=m.parent_id,
+            dev_major=int(m.major_minor.split(":")[0]),
+            dev_minor=int(m.major_minor.split(":")[1]),
+            attr=0,
+            propagation=0,
+            peer_group=0,
+            master=0,
+            propagate_from=0,
+            root=m.root,
+            mount_point=m.mount_point,
+            fstype=m.fstype,
+            source=m.source,
+        )
+        for m in mounts
+    ]
+
+
+Mount = mountinfo.Mount
+
+
+@given(kernel_tables(), configs())
+def test_both_back_ends_give_the_same_sites_for_any_kernel_table(
+    mounts: tuple[Mount, ...], config: Config
+) -> None:
+    via_mountinfo = mountinfo.parse_under(render(mounts), search_needles(config.rules)).mounts
+    via_kernel = to_mounts(reversed(_records(mounts)), [r.prefix for r in config.rules])
+    assert signature(find_sites(via_kernel, config.rules)) == signature(
+        find_sites(via_mountinfo, config.rules)
+    )
+    assert all(m.unique_id is not None for m in via_kernel)
+    assert [m.index for m in via_kernel] == sorted(m.index for m in via_kernel)
+
+
+def test_outermost_prefixes_cover_the_rest_component_wise() -> None:
+    assert outermost(["/run/calico/x", "/run/calico", "/run/calico2", "/run/cilium/cgroupv2"]) == [
+        "/run/calico",
+        "/run/calico2",
+        "/run/cilium/cgroupv2",
+    ]
+
+
+def _nearest(tmp: str) -> list[str]:
+    os.makedirs(f"{tmp}/a/b")
+    os.symlink(f"{tmp}/a/b", f"{tmp}/a/link")
+    with open(f"{tmp}/a/file", "w"):
+        pass
+    return [
+        nearest_existing(p)
+        for p in (f"{tmp}/a/b/c/d", f"{tmp}/a/link/c", f"{tmp}/a/file/x", f"{tmp}/a/b")
+    ]
+
+
+def test_nearest_existing_ancestor_stops_at_a_symlink_a_file_or_a_missing_part(
+    tmp_path: object,
+) -> None:
+    tmp = str(tmp_path)
+    assert _nearest(tmp) == [f"{tmp}/a/b", f"{tmp}/a", f"{tmp}/a", f"{tmp}/a/b"]
+
+
+# ---- real tables ---------------------------------------------------------------------------
+
+
+class ChildrenOnlyKernel(Kernel):
+    """This kernel's answers trimmed to what Linux 6.8 lists: direct children only. (A fake of
+    the one behaviour this host cannot show; every other answer is the real kernel's.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listings = 0
+
+    def listmount(self, mnt_id: int) -> list[int]:
+        self.listings += 1
+        listed = super().listmount(mnt_id)
+        return [i for i in listed if self.statmount(i).unique_parent_id == mnt_id]
+
+
+class CountingKernel(Kernel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stats = 0
+
+    def statmount(self, mnt_id: int) -> MountRecord:
+        self.stats += 1
+        return super().statmount(mnt_id)
+
+
+def _mkmount(fstype: str, path: str, source: str = "none") -> None:
+    os.makedirs(path, exist_ok=True)
+    mount(source, path, fstype)
+
+
+def _scenario(name: str) -> None:
+    """Build one table inside the namespace (never rm -rf below a cgroup2 made here)."""
+    if name == "stack":  # cgroup2 / tmpfs / cgroup2 at one point, and a bpffs beside it
+        _mkmount("cgroup2", "/run/calico/cgroup")
+        _mkmount("tmpfs", "/run/calico/cgroup", "t")
+        _mkmount("cgroup2", "/run/calico/cgroup")
+        _mkmount("bpf", "/run/calico/bpffs", "bpf")
+    elif name == "overmounted-parent":  # a tmpfs over /run/calico hides the first cgroup2
+        _mkmount("cgroup2", "/run/calico/cgroup")
+        _mkmount("tmpfs", "/run/calico", "t")
+        _mkmount("cgroup2", "/run/calico/cgroup")
+        _mkmount("tmpfs", "/run/calico", "t2")  # and a second layer over both
+    elif name == "prefix-is-a-mount":  # /run/calico is a tmpfs; a nested prefix is missing
+        _mkmount("tmpfs", "/run/calico", "t")
+        _mkmount("cgroup2", "/run/calico/cgroup")
+        _mkmount("tmpfs", "/run/custom", "t")  # /run/custom/deep does not exist
+    elif name == "missing-prefixes":  # nothing there yet: no targets, nothing read below
+        _mkmount("tmpfs", "/run/other", "t")
+    elif name == "propagated-copies":  # shared peers at one path: the cgroup2 lands twice
+        _mkmount("tmpfs", "/run/calico", "t")
+        mount("none", "/run/calico", "", MS_SHARED)
+        mount("/run/calico", "/run/calico", "", MS_BIND)
+        _mkmount("cgroup2", "/run/calico/cgroup")
+        _mkmount("cgroup2", "/run/custom/deep/x")
+    elif name == "overmounted-run":  # a second tmpfs over /run hides everything below it
+        _mkmount("cgroup2", "/run/calico/cgroup")
+        mount("run2", "/run", "tmpfs")
+    elif name == "symlinked-prefix":  # /run/calico points elsewhere: nothing there is a target
+        _mkmount("cgroup2", "/run/elsewhere/cgroup")
+        os.symlink("/run/elsewhere", "/run/calico")
+    elif name == "deep-nesting":  # a target inside a decoy inside a target's parent
+        _mkmount("tmpfs", "/run/cilium", "t")
+        _mkmount("cgroup2", "/run/cilium/cgroupv2")
+        _mkmount("tmpfs", "/run/cilium/cgroupv2x", "t")
+        _mkmount("cgroup2", "/run/calico/cgroup")
+        _mkmount("tmpfs", "/run/calico/cgroup/sub", "t")  # sub-directory of a real cgroup
+    else:
+        raise AssertionError(name)
+
+
+SCENARIOS = (
+    "stack",
+    "overmounted-parent",
+    "prefix-is-a-mount",
+    "missing-prefixes",
+    "propagated-copies",
+    "overmounted-run",
+    "symlinked-prefix",
+    "deep-nesting",
+)
+
+
+def _compare(name: str) -> dict[str, object]:
+    _scenario(name)
+    for i in range(50):  # mounts nobody asks about, outside every prefix's subtree
+        _mkmount("tmpfs", f"/tmp/noise{i}" if os.path.isdir("/tmp") else f"/noise{i}", "n")
+    counting, children_only = CountingKernel(), ChildrenOnlyKernel()
+    via_mountinfo = MountinfoTable().read(RULES)
+    via_kernel = KernelTable(counting).read(RULES)
+    via_children = KernelTable(children_only).read(RULES)
+    out = {
+        "mountinfo": signature(find_sites(via_mountinfo.mounts, RULES)),
+        "kernel": signature(find_sites(via_kernel.mounts, RULES)),
+        "children": signature(find_sites(via_children.mounts, RULES)),
+        "stats": counting.stats,
+        "unique": all(m.unique_id is not None for m in via_kernel.mounts),
+    }
+    for i in range(50):
+        subprocess.run(["umount", f"/tmp/noise{i}"], check=False)
+    return out
+
+
+@needs_kernel_api
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_both_back_ends_agree_on_a_real_table(name: str) -> None:
+    out = in_namespace(_compare, name)
+    assert out["kernel"] == out["mountinfo"]
+    assert out["children"] == out["mountinfo"]  # and as Linux 6.8 lists
+    assert out["unique"]
+    sites = out["mountinfo"]
+    assert isinstance(sites, list) and isinstance(out["stats"], int)
+    # (mount point, roots, members), newest site first.
+    expected = {
+        "stack": [("/run/calico/bpffs", 1, 1), ("/run/calico/cgroup", 1, 3)],
+        # The hidden first cgroup2 and the one on the tmpfs over /run/calico: one path, two roots.
+        "overmounted-parent": [("/run/calico/cgroup", 2, 2)],
+        "prefix-is-a-mount": [("/run/calico/cgroup", 1, 1)],
+        "missing-prefixes": [],
+        "propagated-copies": [("/run/custom/deep/x", 1, 1), ("/run/calico/cgroup", 2, 2)],
+        "overmounted-run": [("/run/calico/cgroup", 1, 1)],
+        "symlinked-prefix": [],
+        "deep-nesting": [("/run/calico/cgroup", 1, 2), ("/run/cilium/cgroupv2", 1, 1)],
+    }[name]
+    assert [(s[0], len(s[2]), len(s[3])) for s in sites] == expected
+    # Only the subtrees were read: the 50 noise mounts (and the host's) were never stat'ed.
+    assert out["stats"] < 12
+
+
+def _probe_under_seccomp(errno_value: int) -> tuple[str, str, bool, str]:
+    """Install a real seccomp filter that refuses statmount/listmount with ``errno_value``,
+    as systemd's SystemCallFilter= does, then let `choose` probe."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    # BPF: load nr; if nr == 457 or nr == 458 return ERRNO(errno); else ALLOW.
+    ld, jeq, ret = 0x20, 0x15, 0x06
+    allow, refuse = 0x7FFF0000, 0x00050000 | errno_value
+    prog = [
+        (ld, 0, 0, 0),  # seccomp_data.nr at offset 0
+        (jeq, 2, 0, 457),
+        (jeq, 1, 0, 458),
+        (ret, 0, 0, allow),
+        (ret, 0, 0, refuse),
+    ]
+    code = b"".join(struct.pack("HBBI", *ins) for ins in prog)
+    buf = ctypes.create_string_buffer(code)
+
+    class Fprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = Fprog(len(prog), ctypes.addressof(buf))
+    pr_set_no_new_privs, pr_set_seccomp, mode_filter = 38, 22, 2
+    assert libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) == 0
+    assert libc.prctl(pr_set_seccomp, mode_filter, ctypes.byref(fprog)) == 0, ctypes.get_errno()
+    choice = choose(Switch.AUTO)
+    try:
+        Kernel().statmount(1)
+        direct = "allowed"
+    except ApiError as exc:
+        direct = errno.errorcode[exc.errno or 0]
+    return choice.table.api.value, choice.reason, choice.refused, direct
+
+
+@needs_kernel_api
+@pytest.mark.parametrize("refusal", [errno.EPERM, errno.ENOSYS])
+def test_a_sandbox_that_refuses_the_calls_falls_back_to_mountinfo_and_says_why(
+    refusal: int,
+) -> None:
+    api, reason, refused, direct = in_namespace(_probe_under_seccomp, refusal)
+    assert direct == errno.errorcode[refusal]  # the filter really bit
+    assert api == "mountinfo"
+    assert refused  # this kernel has the calls (6.8+): a refusal is loud, not "old kernel"
+    assert "refused" in reason and "SystemCallFilter" in reason
+
+
+def test_an_old_kernel_without_the_calls_falls_back_quietly() -> None:
+    def enosys() -> Kernel:
+        raise ApiError(errno.ENOSYS, "statmount: Function not implemented")
+
+    choice = choose(Switch.AUTO, probe=enosys, kernel_release="6.1.0-40-amd64")
+    assert choice.table.api is MountApi.MOUNTINFO
+    assert not choice.refused and "6.1.0-40-amd64" in choice.reason
+
+
+def test_an_unexpected_error_in_the_probe_is_not_mistaken_for_a_refusal() -> None:
+    def efault() -> Kernel:
+        raise ApiError(errno.EFAULT, "statmount: Bad address")
+
+    with pytest.raises(ApiError):
+        choose(Switch.AUTO, probe=efault)
+
+
+def test_the_switch_and_a_test_table_force_mountinfo_without_probing() -> None:
+    def never() -> Kernel:
+        raise AssertionError("probed")
+
+    assert choose(Switch.MOUNTINFO, probe=never).table.api is MountApi.MOUNTINFO
+    forced = choose(Switch.AUTO, path="/tmp/table", probe=never).table
+    assert isinstance(forced, MountinfoTable) and forced.path == "/tmp/table"
+
+
+@needs_kernel_api
+def test_auto_picks_the_kernel_api_on_this_kernel() -> None:
+    choice = choose(Switch.AUTO)
+    assert choice.table.api is MountApi.LISTMOUNT and not choice.refused
+
+
+# ---- the switch: config key and environment -------------------------------------------------
+
+
+def test_mount_api_key_is_validated_and_the_environment_wins(tmp_path: object) -> None:
+    assert from_mapping({"mount_api": "mountinfo"}, "f.toml").mount_api == "mountinfo"
+    with pytest.raises(ConfigError, match=r"mount_api.*expected one of"):
+        from_mapping({"mount_api": "statmount"}, "f.toml")
+    assert load(None, {MOUNT_API_ENV: "mountinfo"}).mount_api == "mountinfo"
+    assert load(None, {}).mount_api == "auto"
+    path = os.path.join(str(tmp_path), "config.toml")
+    with open(path, "w") as f:
+        f.write('mount_api = "mountinfo"\n')
+    assert load(path, {MOUNT_API_ENV: "auto"}).mount_api == "auto"
+    with pytest.raises(ConfigError, match=MOUNT_API_ENV):
+        load(None, {MOUNT_API_ENV: "fast"})
+
+
+def _status_json(env: dict[str, str]) -> dict[str, object]:
+    _mkmount("cgroup2", "/run/calico/cgroup")
+    proc = subprocess.run(
+        [sys.executable, "-m", "calico_mount_reaper", "status", "--json"],
+        capture_output=True,
+        env={**os.environ, **env},
+        check=True,
+    )
+    result: dict[str, object] = json.loads(proc.stdout)
+    return result
+
+
+@needs_kernel_api
+def test_status_json_names_the_back_end_it_used() -> None:
+    auto = in_namespace(_status_json, {MOUNT_API_ENV: "auto"})
+    forced = in_namespace(_status_json, {MOUNT_API_ENV: "mountinfo"})
+    assert auto["mount_api"] == "listmount" and forced["mount_api"] == "mountinfo"
+    assert auto["targets"] == forced["targets"] != []
