@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from measure import (
@@ -27,6 +28,7 @@ from mounts import BASE, detach, grow_base, mount_target, mounts_at, stack
 from procs import DaemonProc, FindmntPoll, Watch, first, reaper_command, run_quiet
 
 from tests.support.daemon_harness import owner_exe
+from tests.support.nsutil import mount
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -59,6 +61,7 @@ class Size:
     start_samples: int = 10
     deep_stack: int = 1000
     stack_repeats: int = 5
+    backend_sizes: tuple[int, ...] = (10000, 50000)
 
 
 QUICK = Size(
@@ -73,6 +76,7 @@ QUICK = Size(
     start_samples=2,
     deep_stack=40,
     stack_repeats=1,
+    backend_sizes=(300, 600),
 )
 
 
@@ -214,6 +218,143 @@ def pass_cost(size: Size) -> list[Row]:
             )
         )
     rows.append(import_check(reaper))
+    return rows
+
+
+# ---- 1d. mount-table back-ends (issue 12) -----------------------------------------------------
+
+# Pod volumes outside /run, where kubelet keeps them (/var/lib/kubelet/pods): a tmpfs over /mnt,
+# inside this run's private namespace only.
+KUBELET_LIKE = "/mnt/kubelet"
+
+
+def backends(size: Size) -> list[Row]:
+    """The kernel-API back-end, the forced mountinfo back-end, findmnt and a bare mountinfo read,
+    side by side at each size, in-process and as a `status` process. Then the kernel API's
+    worst case: the same pods below /run, the subtree it lists."""
+    from calico_mount_reaper.config import MOUNT_API_ENV, Config
+    from calico_mount_reaper.mounttable import KernelTable, MountinfoTable
+    from calico_mount_reaper.plan import Mode
+    from calico_mount_reaper.reaper import read_table, run_pass
+
+    config = Config()
+    for fstype, path in (
+        ("cgroup2", "/run/calico/cgroup"),
+        ("bpf", "/run/calico/bpffs"),
+        ("cgroup2", "/run/cilium/cgroupv2"),
+    ):
+        mount_target(path, fstype)
+    mount("tmpfs", "/mnt", "tmpfs")
+    reaper = reaper_command()
+    env_auto = {**os.environ, MOUNT_API_ENV: "auto"}
+    env_mountinfo = {**os.environ, MOUNT_API_ENV: "mountinfo"}
+    findmnt = ["findmnt", "-rn", "-t", "cgroup2"]
+    kernel, mountinfo_table = KernelTable(), MountinfoTable()
+    goal_size = size.backend_sizes[0]
+    rows: list[Row] = []
+
+    def in_process(table: KernelTable | MountinfoTable) -> Callable[[], float]:
+        return lambda: timed_ms(lambda: run_pass(config, Mode.NORMAL, dry_run=True, mounts=table))
+
+    def status(env: dict[str, str]) -> Callable[[], float]:
+        return lambda: run_quiet([*reaper, "status"], env=env)
+
+    def findmnt_run() -> float:
+        return run_quiet(findmnt)
+
+    built = 0
+    for n in size.backend_sizes:
+        grow_base(built, n, KUBELET_LIKE)
+        built = n
+        label = f"{n // 1000}k mounts" if n >= 1000 else f"{n} mounts"
+        at_goal = n == goal_size
+        ours, floor = alternate(in_process(kernel), lambda: timed_ms(bare_read), size.pass_repeats)
+        rows.append(
+            ratio_row(
+                "1d back-ends",
+                f"in-process pass, kernel API, {label}",
+                ours,
+                "bare read of /proc/self/mountinfo",
+                floor,
+                0.2 if at_goal else None,
+                "<= 0.2x at 10k" if at_goal else "",
+            )
+        )
+        for name, table in (("kernel API", kernel), ("forced mountinfo", mountinfo_table)):
+            ours, floor = alternate(
+                lambda t=table: timed_ms(lambda: read_table(config, t)),  # type: ignore[misc]
+                lambda: timed_ms(bare_read),
+                size.pass_repeats,
+            )
+            rows.append(
+                ratio_row(
+                    "1d back-ends",
+                    f"table read only (read + find sites), {name}, {label}",
+                    ours,
+                    "bare read of /proc/self/mountinfo",
+                    floor,
+                    None,
+                    "",
+                    "what the switch changes; the pass adds the /proc scan for owners",
+                )
+            )
+        ours, floor = alternate(
+            in_process(mountinfo_table), lambda: timed_ms(bare_read), size.pass_repeats
+        )
+        rows.append(
+            ratio_row(
+                "1d back-ends",
+                f"in-process pass, forced mountinfo, {label}",
+                ours,
+                "bare read of /proc/self/mountinfo",
+                floor,
+                None,
+                "",
+            )
+        )
+        kernel_goal = 0.5 if at_goal else 0.2
+        ours, peer = alternate(status(env_auto), findmnt_run, size.process_repeats)
+        rows.append(
+            ratio_row(
+                "1d back-ends",
+                f"`status` process, kernel API, {label}",
+                ours,
+                "`findmnt -rn -t cgroup2`",
+                peer,
+                kernel_goal,
+                f"<= {kernel_goal:g}x",
+            )
+        )
+        ours, peer = alternate(status(env_mountinfo), findmnt_run, size.process_repeats)
+        rows.append(
+            ratio_row(
+                "1d back-ends",
+                f"`status` process, forced mountinfo, {label}",
+                ours,
+                "`findmnt -rn -t cgroup2`",
+                peer,
+                1.3 if at_goal else None,
+                "<= 1.3x at 10k" if at_goal else "",
+            )
+        )
+    # Worst case for the kernel API: the pods below /run, in the subtree it lists and stats.
+    detach(KUBELET_LIKE)
+    grow_base(0, goal_size, BASE)
+    label = f"{goal_size // 1000}k mounts" if goal_size >= 1000 else f"{goal_size} mounts"
+    for name, table in (("kernel API", kernel), ("forced mountinfo", mountinfo_table)):
+        ours, floor = alternate(in_process(table), lambda: timed_ms(bare_read), size.pass_repeats)
+        rows.append(
+            ratio_row(
+                "1d back-ends",
+                f"in-process pass, {name}, {label} all below /run (one tmpfs)",
+                ours,
+                "bare read of /proc/self/mountinfo",
+                floor,
+                None,
+                "",
+                "pruned after 64 stats" if table is kernel else "",
+            )
+        )
     return rows
 
 
@@ -629,6 +770,7 @@ def start_stop(size: Size) -> list[Row]:
 
 SCENARIOS = {
     "pass": pass_cost,
+    "backends": backends,
     "latency": detection_latency,
     "storm": storm,
     "owner-exit": owner_exit,
