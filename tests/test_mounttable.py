@@ -405,6 +405,7 @@ def test_status_json_names_the_back_end_it_used() -> None:
     auto = in_namespace(_status_json, {MOUNT_API_ENV: "auto"})
     forced = in_namespace(_status_json, {MOUNT_API_ENV: "mountinfo"})
     assert auto["mount_api"] == "listmount" and forced["mount_api"] == "mountinfo"
+
     # Verdicts depend on owner processes anywhere on the machine; the table part must agree.
     def table(report: dict[str, object]) -> list[tuple[object, object]]:
         targets = report["targets"]
