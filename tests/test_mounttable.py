@@ -13,14 +13,13 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
-import struct
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from calico_mount_reaper import mountinfo
@@ -41,6 +40,8 @@ from calico_mount_reaper.statmount import ApiError, Kernel, MountRecord
 from calico_mount_reaper.targets import BUILTIN_RULES, Rule, search_needles
 from hypothesis import given
 
+from tests.support import no_listmount
+from tests.support.daemon_harness import DaemonRun
 from tests.support.nsutil import in_namespace, mount
 from tests.support.strategies import configs, kernel_tables, render
 
@@ -297,27 +298,7 @@ def test_both_back_ends_agree_on_a_real_table(name: str) -> None:
 def _probe_under_seccomp(errno_value: int) -> tuple[str, str, bool, str]:
     """Install a real seccomp filter that refuses statmount/listmount with ``errno_value``,
     as systemd's SystemCallFilter= does, then let `choose` probe."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    # BPF: load nr; if nr == 457 or nr == 458 return ERRNO(errno); else ALLOW.
-    ld, jeq, ret = 0x20, 0x15, 0x06
-    allow, refuse = 0x7FFF0000, 0x00050000 | errno_value
-    prog = [
-        (ld, 0, 0, 0),  # seccomp_data.nr at offset 0
-        (jeq, 2, 0, 457),
-        (jeq, 1, 0, 458),
-        (ret, 0, 0, allow),
-        (ret, 0, 0, refuse),
-    ]
-    code = b"".join(struct.pack("HBBI", *ins) for ins in prog)
-    buf = ctypes.create_string_buffer(code)
-
-    class Fprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-    fprog = Fprog(len(prog), ctypes.addressof(buf))
-    pr_set_no_new_privs, pr_set_seccomp, mode_filter = 38, 22, 2
-    assert libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) == 0
-    assert libc.prctl(pr_set_seccomp, mode_filter, ctypes.byref(fprog)) == 0, ctypes.get_errno()
+    no_listmount.install(errno_value)
     choice = choose(Switch.AUTO)
     try:
         Kernel().statmount(1)
@@ -388,22 +369,25 @@ def test_mount_api_key_is_validated_and_the_environment_wins(tmp_path: object) -
         load(None, {MOUNT_API_ENV: "fast"})
 
 
-def _status_json(env: dict[str, str]) -> dict[str, object]:
+def _status_json() -> dict[str, dict[str, object]]:
     _mkmount("cgroup2", "/run/calico/cgroup")
-    proc = subprocess.run(
-        [sys.executable, "-m", "calico_mount_reaper", "status", "--json"],
-        capture_output=True,
-        env={**os.environ, **env},
-        check=True,
-    )
-    result: dict[str, object] = json.loads(proc.stdout)
-    return result
+    _mkmount("tmpfs", "/run/calico/cgroup", "t")
+    reports: dict[str, dict[str, object]] = {}
+    for switch in ("auto", "mountinfo"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "calico_mount_reaper", "status", "--json"],
+            capture_output=True,
+            env={**os.environ, MOUNT_API_ENV: switch},
+            check=True,
+        )
+        reports[switch] = json.loads(proc.stdout)
+    return reports
 
 
 @needs_kernel_api
 def test_status_json_names_the_back_end_it_used() -> None:
-    auto = in_namespace(_status_json, {MOUNT_API_ENV: "auto"})
-    forced = in_namespace(_status_json, {MOUNT_API_ENV: "mountinfo"})
+    reports = in_namespace(_status_json)
+    auto, forced = reports["auto"], reports["mountinfo"]
     assert auto["mount_api"] == "listmount" and forced["mount_api"] == "mountinfo"
 
     # Verdicts depend on owner processes anywhere on the machine; the table part must agree.
@@ -413,3 +397,45 @@ def test_status_json_names_the_back_end_it_used() -> None:
         return [(t["mount_point"], t["mounts"]) for t in targets]
 
     assert table(auto) == table(forced) != []
+
+
+# ---- the daemon under a sandbox that refuses the calls --------------------------------------
+
+NO_LISTMOUNT = Path(__file__).parent / "support" / "no_listmount.py"
+# A rule of our own, with an owner name nothing else on this machine runs (owners count in any
+# PID namespace, and other test runs may have calico-node processes alive).
+OWN_TARGET = "/run/kapitest/cgroup"
+OWN_RULE = (
+    'grace_period = 0.2\nbuiltin_targets = false\n[[target]]\nname = "kapitest"\n'
+    'prefix = "/run/kapitest"\nfstypes = ["cgroup2"]\nowners = ["kapitest-owner"]\n'
+)
+FELL_BACK = "reading the mount table from mountinfo:"
+
+
+def _daemon_reaps(tmp_path: Path, wrapper: Sequence[str]) -> tuple[str, list[str]]:
+    with DaemonRun(tmp_path, config=OWN_RULE, wrapper=wrapper) as d:
+        d.start()
+        d.wait_notify("READY=1")
+        d.mount("cgroup2", OWN_TARGET)
+        d.wait_until(lambda: d.mounted(OWN_TARGET) == 0, what="reap")
+        assert d.stop() == 0
+        return d.log(), [text for _, text in d.messages if text.startswith("STATUS=")]
+
+
+@needs_kernel_api
+@pytest.mark.parametrize("refusal", [errno.EPERM, errno.ENOSYS])
+def test_a_daemon_refused_the_calls_says_so_once_and_still_reaps(
+    tmp_path: Path, refusal: int
+) -> None:
+    wrapper = [sys.executable, str(NO_LISTMOUNT), str(refusal)]
+    log, statuses = _daemon_reaps(tmp_path, wrapper)
+    assert log.count(FELL_BACK) == 1, log  # one DEGRADED entry, not one per read
+    assert "mount table via mountinfo" in log
+    assert statuses and all("mount table: mountinfo" in s for s in statuses), statuses
+
+
+@needs_kernel_api
+def test_an_unfiltered_daemon_reads_through_the_kernel_api(tmp_path: Path) -> None:
+    log, statuses = _daemon_reaps(tmp_path, ())
+    assert FELL_BACK not in log and "mount table via listmount" in log, log
+    assert statuses and all("mount table: listmount" in s for s in statuses), statuses

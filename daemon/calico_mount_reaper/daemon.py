@@ -256,8 +256,11 @@ class Daemon:
             self.mount_watch.rearm()
             try:
                 parsed = self.mounts.table.read(self.config.rules)
-            except OSError as exc:  # refused after all, or the tree changed under the walk
-                self._mounts_degraded(f"listmount/statmount failed ({exc})", refused=True)
+            except OSError as exc:
+                if exc.errno in mounttable.REFUSED:  # refused after all: mountinfo from now on
+                    self._mounts_degraded(f"listmount/statmount refused ({exc})", refused=True)
+                else:  # the table kept changing under the walk: this one read from mountinfo
+                    self.log.warning("reading the mount table from mountinfo once: %s", exc)
         if parsed is None:
             parsed = self.mount_watch.read(search_needles(self.config.rules))
         self.coalescer = self.coalescer.reread(self.clock())

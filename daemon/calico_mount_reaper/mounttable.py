@@ -84,6 +84,10 @@ class Switch(enum.Enum):
 REFUSED = frozenset({errno.ENOSYS, errno.EPERM, errno.EACCES, errno.ENOTSUP})
 
 
+# Fresh walks after a mount or directory vanished mid-walk, before the caller is told.
+RACE_RETRIES = 2
+
+
 class MountTable:
     """What a pass reads the table through. `read` gives the mounts the rules can care about."""
 
@@ -123,10 +127,20 @@ class KernelTable(MountTable):
         self._subtrees: bool | None = None  # does listmount list whole subtrees? (learnt)
 
     def read(self, rules: Sequence[Rule]) -> ParseResult:
+        from calico_mount_reaper.statmount import ApiError
+
         prefixes = outermost({rule.prefix for rule in rules})
-        walk = _Walk(self.kernel, prefixes, self._subtrees)
-        for prefix in prefixes:
-            walk.read_below(prefix)
+        for attempt in range(RACE_RETRIES + 1):
+            walk = _Walk(self.kernel, prefixes, self._subtrees)
+            try:
+                for prefix in prefixes:
+                    walk.read_below(prefix)
+            except ApiError as exc:
+                # A directory or mount went away between two calls of the walk: read again.
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR) or attempt == RACE_RETRIES:
+                    raise
+                continue
+            break
         self._subtrees = walk.subtrees
         return ParseResult(to_mounts(walk.records.values(), prefixes))
 
