@@ -149,3 +149,29 @@ def test_listing_from_the_root_sees_this_namespaces_mounts() -> None:
     kernel = Kernel()
     listed = set(kernel.listmount(LSMT_ROOT))
     assert kernel.unique_mount_id("/proc") in listed
+
+
+def _listing_shape() -> tuple[set[int], set[int], set[int]]:
+    for path in ("/run/a", "/run/a/b", "/run/a/b/c", "/run/d"):
+        os.makedirs(path, exist_ok=True)
+        mount("t", path, "tmpfs")
+    kernel = Kernel()
+    run = kernel.unique_mount_id("/run")
+    listed = set(kernel.listmount(run))
+    table = {i: kernel.statmount(i) for i in kernel.listmount(LSMT_ROOT)}
+    children = {i for i, r in table.items() if r.unique_parent_id == run}
+    below, frontier = set(), set(children)
+    while frontier:
+        below |= frontier
+        frontier = {i for i, r in table.items() if r.unique_parent_id in frontier} - below
+    return listed, children, below
+
+
+def test_listmount_lists_the_direct_children_or_the_whole_subtree_nothing_else() -> None:
+    # 6.18 lists the whole subtree; the first version may list direct children only. Both are
+    # handled (mounttable._Walk); anything else would break it.
+    listed, children, below = in_namespace(_listing_shape)
+    assert len(children) == 2 and len(below) == 4
+    assert listed in (children, below)
+    shape = "the whole subtree" if listed == below else "direct children"
+    print(f"listmount on Linux {os.uname().release}: {shape}")
