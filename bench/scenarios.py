@@ -337,6 +337,22 @@ def backends(size: Size) -> list[Row]:
                 "<= 1.3x at 10k" if at_goal else "",
             )
         )
+    # What bounds the process rows: start-up alone (interpreter, imports, argparse), no table read.
+    ours, peer = alternate(
+        lambda: run_quiet([*reaper, "--version"]), findmnt_run, size.process_repeats
+    )
+    rows.append(
+        ratio_row(
+            "1d back-ends",
+            "start-up floor: `calico-mount-reaper --version` (no table read)",
+            ours,
+            "`findmnt -rn -t cgroup2`",
+            peer,
+            None,
+            "",
+            "item 5 (start-up diet) is another change",
+        )
+    )
     # Worst case for the kernel API: the pods below /run, in the subtree it lists and stats.
     detach(KUBELET_LIKE)
     grow_base(0, goal_size, BASE)
