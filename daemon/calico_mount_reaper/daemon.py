@@ -478,6 +478,8 @@ class Daemon:
         if new.mount_api != self.config.mount_api:
             switch = mounttable.Switch(new.mount_api)
             self.mounts = mounttable.choose(switch, path=self.mountinfo_path)
+            if self.mounts.refused:
+                self._mounts_degraded(self.mounts.reason, refused=True)
         self.config = new
         self.state.liveness_stale = True
         # The rules may have changed, so the sites must be found again in a fresh read.

@@ -151,7 +151,7 @@ class Choice:
 
     table: MountTable
     reason: str
-    refused: bool = False  # the new calls exist on this kernel but were refused: say so loudly
+    refused: bool = False  # this kernel (6.8+) has the calls, but they failed: say so loudly
 
 
 def choose(
@@ -176,18 +176,19 @@ def choose(
     try:
         kernel = (probe or _probe)()
     except ApiError as exc:
-        if exc.errno not in REFUSED:
-            raise
+        # Any failure falls back: reading mountinfo is always possible, a crash never helps.
         release = kernel_release if kernel_release is not None else os.uname().release
-        refused = _at_least(release, (6, 8))
-        why = (
-            f"the kernel API is refused ({exc}): by the unit's SystemCallFilter= (systemd "
-            "with libseccomp < 2.6 cannot allow listmount/statmount; a drop-in with an empty "
-            "SystemCallFilter= can) or by a container's seccomp profile"
-            if refused
-            else f"Linux {release} has no listmount/statmount (6.8+)"
-        )
-        return Choice(MountinfoTable(path), why, refused=refused)
+        if not _at_least(release, (6, 8)):
+            return Choice(MountinfoTable(path), f"Linux {release} has no listmount/statmount")
+        if exc.errno in REFUSED:
+            why = (
+                f"the kernel API is refused ({exc}): by the unit's SystemCallFilter= (systemd "
+                "with libseccomp < 2.6 cannot allow listmount/statmount; a drop-in with an "
+                "empty SystemCallFilter= can) or by a container's seccomp profile"
+            )
+        else:
+            why = f"the kernel API failed its probe ({exc})"
+        return Choice(MountinfoTable(path), why, refused=True)
     return Choice(KernelTable(kernel), "listmount/statmount (Linux 6.8+)")
 
 
