@@ -214,6 +214,11 @@ def _scenario(name: str) -> None:
         _mkmount("tmpfs", "/run/custom/deep/x", "t")  # mkdir below a cgroup2 would make cgroups
         for i in range(PRUNE_AFTER + 6):
             _mkmount("tmpfs", f"/run/custom/deep/x/m{i}", "m")
+    elif name == "var-run-real-directory":  # /var/run not the usual symlink: a second tree
+        mount("tmpfs", "/var", "tmpfs")  # only in this namespace
+        _mkmount("cgroup2", "/var/run/calico/cgroup")
+        _mkmount("cgroup2", "/run/calico/cgroup")
+        _mkmount("cgroup2", "/var/run/calico2")
     elif name == "symlinked-prefix":  # /run/calico points elsewhere: nothing there is a target
         _mkmount("cgroup2", "/run/elsewhere/cgroup")
         os.symlink("/run/elsewhere", "/run/calico")
@@ -235,6 +240,7 @@ SCENARIOS = (
     "propagated-copies",
     "overmounted-run",
     "big-site",
+    "var-run-real-directory",
     "symlinked-prefix",
     "deep-nesting",
 )
@@ -286,6 +292,7 @@ def test_both_back_ends_agree_on_a_real_table(name: str) -> None:
         "propagated-copies": [("/run/custom/deep/x", 1, 1), ("/run/calico/cgroup", 2, 2)],
         "overmounted-run": [("/run/calico/cgroup", 1, 1)],
         "big-site": [("/run/custom/deep/x", 1, PRUNE_AFTER + 8), ("/run/calico/cgroup", 1, 1)],
+        "var-run-real-directory": [("/run/calico/cgroup", 1, 1), ("/var/run/calico/cgroup", 1, 1)],
         "symlinked-prefix": [],
         "deep-nesting": [("/run/calico/cgroup", 1, 2), ("/run/cilium/cgroupv2", 1, 1)],
     }[name]

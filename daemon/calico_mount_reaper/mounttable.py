@@ -130,10 +130,11 @@ class KernelTable(MountTable):
         from calico_mount_reaper.statmount import ApiError
 
         prefixes = outermost({rule.prefix for rule in rules})
+        spellings = [*prefixes, *var_run_spellings(prefixes)]
         for attempt in range(RACE_RETRIES + 1):
-            walk = _Walk(self.kernel, prefixes, self._subtrees)
+            walk = _Walk(self.kernel, spellings, self._subtrees)
             try:
-                for prefix in prefixes:
+                for prefix in spellings:
                     walk.read_below(prefix)
             except ApiError as exc:
                 # A directory or mount went away between two calls of the walk: read again.
@@ -227,6 +228,23 @@ def outermost(prefixes: Iterable[str]) -> list[str]:
     return kept
 
 
+def var_run_spellings(
+    prefixes: Iterable[str], lstat: Callable[[str], os.stat_result] = os.lstat
+) -> list[str]:
+    """``/var/run/...`` for each ``/run/...`` prefix, when /var/run is a real directory.
+
+    Rules fold /var/run into /run (`targets.normalize_path`), and mountinfo shows a mount made
+    below a real /var/run directory as /var/run/...: a different tree, which a walk from /run
+    never sees. Where /var/run is the usual symlink to /run, there is nothing more to read
+    (and walking it would start from the mount /var is on: most of the table).
+    """
+    try:
+        real = stat.S_ISDIR(lstat("/var/run").st_mode)
+    except OSError:
+        return []
+    return ["/var" + p for p in prefixes if real and (p == "/run" or p.startswith("/run/"))]
+
+
 def nearest_existing(prefix: str, lstat: Callable[[str], os.stat_result] = os.lstat) -> str:
     """The longest leading part of ``prefix`` that is a real directory, reached without following
     a symlink: a component that is missing, a symlink or not a directory ends the walk."""
@@ -278,7 +296,7 @@ class _Walk:
             parent = self.stat(record.unique_parent_id)
             if parent is None:
                 break
-            inside = is_within(normalize_path(record.mount_point), prefix)
+            inside = is_within(record.mount_point, prefix)  # as spelt: prefix may be /var/run
             if not (inside or parent.mount_point == record.mount_point):
                 break
             record = parent
@@ -324,9 +342,8 @@ class _Walk:
         return deeper
 
     def _may_hold(self, mount_point: str) -> bool:
-        """Can mounts below this one be at or below a prefix?"""
-        path = normalize_path(mount_point)
-        return any(is_within(path, p) or is_within(p, path) for p in self.prefixes)
+        """Can mounts below this one be at or below a prefix (as spelt, /var/run included)?"""
+        return any(is_within(mount_point, p) or is_within(p, mount_point) for p in self.prefixes)
 
 
 # MOUNT_ATTR_* bits and how mountinfo's per-mount options field spells them, in its order.
