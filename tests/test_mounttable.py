@@ -33,6 +33,7 @@ from calico_mount_reaper.mounttable import (
     choose,
     nearest_existing,
     outermost,
+    switch_for,
     to_mounts,
 )
 from calico_mount_reaper.plan import Site, find_sites
@@ -377,6 +378,12 @@ def test_mount_api_key_is_validated_and_the_environment_wins(tmp_path: object) -
         load(None, {MOUNT_API_ENV: "fast"})
 
 
+def test_the_environment_wins_wherever_the_table_is_opened() -> None:
+    assert switch_for("auto", {MOUNT_API_ENV: "mountinfo"}) is Switch.MOUNTINFO
+    assert switch_for("mountinfo", {MOUNT_API_ENV: "auto"}) is Switch.AUTO
+    assert switch_for("mountinfo", {}) is Switch.MOUNTINFO
+
+
 def _status_json() -> dict[str, dict[str, object]]:
     _mkmount("cgroup2", "/run/calico/cgroup")
     _mkmount("tmpfs", "/run/calico/cgroup", "t")
@@ -421,7 +428,8 @@ FELL_BACK = "reading the mount table from mountinfo:"
 
 
 def _daemon_reaps(tmp_path: Path, wrapper: Sequence[str]) -> tuple[str, list[str]]:
-    with DaemonRun(tmp_path, config=OWN_RULE, wrapper=wrapper) as d:
+    auto = {MOUNT_API_ENV: "auto"}  # whatever the suite runs under: this is about the probe
+    with DaemonRun(tmp_path, config=OWN_RULE, env=auto, wrapper=wrapper) as d:
         d.start()
         d.wait_notify("READY=1")
         d.mount("cgroup2", OWN_TARGET)

@@ -90,7 +90,8 @@ class Daemon:
         self.faults = frozenset(filter(None, os.environ.get(FAULTS_ENV, "").split(",")))
 
         self.mount_watch = MountTableWatch(mountinfo_path)
-        self.mounts = mounttable.choose(mounttable.Switch(config.mount_api), path=mountinfo_path)
+        switch = mounttable.switch_for(config.mount_api)
+        self.mounts = mounttable.choose(switch, path=mountinfo_path)
         self.coalescer = Coalescer(REREAD_INTERVAL)
         self.selector.register(self.mount_watch, selectors.EVENT_READ, self._on_mounts)
         self.owners = OwnerExits()
@@ -476,7 +477,7 @@ class Daemon:
             )
             return
         if new.mount_api != self.config.mount_api:
-            switch = mounttable.Switch(new.mount_api)
+            switch = mounttable.switch_for(new.mount_api)
             self.mounts = mounttable.choose(switch, path=self.mountinfo_path)
             if self.mounts.refused:
                 self._mounts_degraded(self.mounts.reason, refused=True)

@@ -50,7 +50,7 @@ import enum
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from calico_mount_reaper import mountinfo
@@ -144,6 +144,13 @@ class KernelTable(MountTable):
             break
         self._subtrees = walk.subtrees
         return ParseResult(to_mounts(walk.records.values(), prefixes))
+
+
+def switch_for(configured: str, environ: Mapping[str, str] = os.environ) -> Switch:
+    """The switch in force: CALICO_MOUNT_REAPER_MOUNT_API wins over the config's ``mount_api``
+    wherever the table is opened, so that it reaches every pass (`config.load` has already
+    refused a bad value, with the variable's name)."""
+    return Switch(environ.get(MOUNT_API_ENV) or configured)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from calico_mount_reaper import mountinfo, mounttable
 from calico_mount_reaper.config import Config
 from calico_mount_reaper.liveness import Liveness, observe
-from calico_mount_reaper.mounttable import MountApi, MountTable, Switch
+from calico_mount_reaper.mounttable import MountApi, MountTable
 from calico_mount_reaper.plan import Action, Assessment, Mode, Site, find_sites, plan
 from calico_mount_reaper.unmount import (
     BusyPolicy,
@@ -94,7 +94,7 @@ def read_table(config: Config, mounts: MountTable | None = None) -> Table:
 
 def open_table(config: Config, path: str = MOUNTINFO) -> MountTable:
     """The back-end ``config.mount_api`` and a probe of the kernel allow (`mounttable.choose`)."""
-    return mounttable.choose(Switch(config.mount_api), path=path).table
+    return mounttable.choose(mounttable.switch_for(config.mount_api), path=path).table
 
 
 def _execute(action: Action, config: Config, dry_run: bool, path: str) -> Outcome:
