@@ -70,3 +70,52 @@ def test_json_output_escapes_control_characters() -> None:
     assert "\x1b" not in text and "\x7f" not in text
     points = json.dumps(json.loads(text))  # valid JSON, and it names the hostile path exactly
     assert json.dumps(HOSTILE)[1:-1] in points
+
+
+# ---- finding 4: nothing unprintable reaches a terminal or a log line ----------------------------
+
+# C0 (ESC, newline), DEL, C1 as a character (U+009B, CSI), C1 as a raw byte that is not UTF-8
+# (0x9b, CSI on 8-bit terminals), a bidi override: each in a mount point of its own.
+HOSTILE_NAMES = (
+    b"esc\x1b[2Jnl\nend",
+    b"del\x7f",
+    "c1\u009bchar".encode(),
+    b"raw\x9b\xff\xfebytes",
+    "bidi\u202eoverride".encode(),
+)
+
+
+def _unprintable(text: str) -> list[str]:
+    return [c for c in text if not c.isprintable() and c != "\n"]
+
+
+def test_display_path_and_log_text_leave_nothing_unprintable() -> None:
+    from calico_mount_reaper.printable import display_path, log_text
+
+    every = "".join(chr(c) for c in range(1, 0x250)) + os.fsdecode(bytes(range(0x80, 0x100)))
+    every += "\u200e\u2028\u202e\U000e0001"
+    assert _unprintable(display_path(every)) == []
+    assert " " not in display_path(every)  # one token in a table column
+    assert _unprintable(log_text(every).replace("\n", "")) == [] and "\n" not in log_text(every)
+    assert display_path(os.fsdecode(b"/run/a b\x9b")) == "/run/a\\040b\\233"
+    assert log_text(os.fsdecode(b"x\x9b\n") + "\u009b") == "x\\x9b\\n\\x9b"
+
+
+def test_human_status_output_escapes_c1_raw_bytes_and_controls() -> None:
+    script = "mount -t tmpfs -o mode=755 tmpfs /run"
+    env = {**os.environ}
+    for i, name in enumerate(HOSTILE_NAMES):
+        env[f"P{i}"] = os.fsdecode(b"/run/calico/" + name)
+        script += f' && mkdir -p "$P{i}" && mount -t cgroup2 none "$P{i}"'
+    script += f" && exec {sys.executable} -m calico_mount_reaper status"
+    out = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        env={k: os.fsencode(v) for k, v in env.items()},  # type: ignore[misc]
+        timeout=60,
+    )
+    assert out.returncode in (0, 1), out.stderr  # a report, not a crash
+    text = out.stdout.decode("utf-8")  # strict: no raw byte that is not UTF-8 gets out
+    assert _unprintable(text) == [], text
+    assert "\\233" in text and "c1\\302\\233char" not in text  # 0x9b byte and U+009B, escaped
+    assert text.count("/run/calico/") == len(HOSTILE_NAMES), text
