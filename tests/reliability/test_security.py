@@ -7,7 +7,10 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "daemon" / "calico_mount_reaper"
 # Modules that may start programs at all, and why (each call must be an argv list, no shell).
@@ -119,3 +122,68 @@ def test_human_status_output_escapes_c1_raw_bytes_and_controls() -> None:
     assert _unprintable(text) == [], text
     assert "\\233" in text and "c1\\302\\233char" not in text  # 0x9b byte and U+009B, escaped
     assert text.count("/run/calico/") == len(HOSTILE_NAMES), text
+
+
+# ---- finding 3: config trust as strict as sshd's StrictModes ----------------------------------
+
+NOGROUP = 65534
+
+
+def _config_in(directory: Path, mode: int = 0o644, gid: int = 0) -> str:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config.toml"
+    path.write_text("grace_period = 1\n")
+    os.chown(path, 0, gid)
+    os.chmod(path, mode)
+    return str(path)
+
+
+def _refusal(path: str) -> str:
+    from calico_mount_reaper.config import ConfigError, load_file
+
+    with pytest.raises(ConfigError) as info:
+        load_file(path)
+    return str(info.value)
+
+
+def test_a_config_writable_by_a_non_root_group_is_refused(tmp_path: Path) -> None:
+    path = _config_in(tmp_path / "etc", mode=0o664, gid=NOGROUP)
+    message = _refusal(path)
+    assert message.startswith(path) and f"chmod g-w {path}" in message
+
+
+def test_a_group_writable_config_of_group_root_is_accepted(tmp_path: Path) -> None:
+    from calico_mount_reaper.config import load_file
+
+    assert load_file(_config_in(tmp_path / "etc", mode=0o664, gid=0)).grace_period == 1
+
+
+@pytest.mark.parametrize(
+    ("setup", "fix"),
+    [
+        (lambda d: os.chown(d, 12345, -1), "chown root"),
+        (lambda d: os.chmod(d, 0o777), "chmod o-w"),
+        (lambda d: (os.chown(d, 0, NOGROUP), os.chmod(d, 0o775)), "chmod g-w"),
+    ],
+    ids=["dir-owned-by-a-user", "dir-world-writable", "dir-group-writable"],
+)
+def test_a_config_in_a_directory_others_may_write_is_refused(
+    tmp_path: Path, setup: Callable[[Path], object], fix: str
+) -> None:
+    # The weak directory is one level above the file's own: every directory on the path counts.
+    weak = tmp_path / "weak"
+    path = _config_in(weak / "etc")
+    setup(weak)
+    message = _refusal(path)
+    assert message.startswith(path) and f"{fix} {weak}" in message, message
+
+
+def test_a_sticky_directory_is_accepted_only_above_an_entry_root_owns(tmp_path: Path) -> None:
+    from calico_mount_reaper.config import load_file
+
+    sticky = tmp_path / "sticky"
+    path = _config_in(sticky / "etc")
+    os.chmod(sticky, 0o1777)  # like /tmp: others may create, but not rename root's entries
+    assert load_file(path).grace_period == 1
+    os.chown(sticky / "etc", 12345, -1)  # now that user could swap the config under it
+    assert "chown root" in _refusal(path)
