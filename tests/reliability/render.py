@@ -33,6 +33,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _figure(value: int | None) -> str:
+    """A measured count, or a dash where the case has no victim of that kind to count."""
+    return "-" if value is None else str(value)
+
+
 def render(rows: list[dict[str, Any]], summary: str, profile: str, args: str) -> str:
     by: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -48,16 +53,44 @@ def render(rows: list[dict[str, Any]], summary: str, profile: str, args: str) ->
         )
     ]
     adv = by["adversarial"]
-    parts.append("\n## Safety under attack\n\nWrong unmounts must be 0 in every row.\n\n")
+    parts.append(
+        "\n## Safety under attack\n\nWrong unmounts and wrong rmdirs must be 0 in every row. "
+        "*Path* is the identity path: `unique` (64-bit mount IDs, Linux 6.8+) or `old` (the "
+        "fallback: 32-bit ID + device + fstype + verified path). A dash: the case has no victim of "
+        "that kind, so there is nothing to count.\n\n"
+    )
+    parts.append(
+        _table(
+            ["case", "path", "attempts", "wrong unmounts", "wrong rmdirs", "what happened"],
+            [
+                [
+                    r["case"],
+                    r["path"],
+                    str(r["attempts"]),
+                    _figure(r.get("wrong_unmounts")),
+                    _figure(r.get("wrong_rmdirs")),
+                    r["detail"],
+                ]
+                for r in adv
+            ],
+        )
+    )
+    for path in sorted({r["path"] for r in adv}):
+        rows_on = [r for r in adv if r["path"] == path]
+        parts.append(
+            f"\nTotal on the `{path}` path: {sum(r['attempts'] for r in rows_on)} attempts, "
+            f"{sum(r.get('wrong_unmounts') or 0 for r in rows_on)} wrong unmounts, "
+            f"{sum(r.get('wrong_rmdirs') or 0 for r in rows_on)} wrong rmdirs.\n"
+        )
+    parts.append("\n## Edge cases (not attacks)\n\n")
     parts.append(
         _table(
             ["case", "attempts", "wrong unmounts", "what happened"],
-            [[r["case"], str(r["attempts"]), str(r["wrong_unmounts"]), r["detail"]] for r in adv],
+            [
+                [r["case"], str(r["attempts"]), str(r["wrong_unmounts"]), r["detail"]]
+                for r in by["edge"]
+            ],
         )
-    )
-    parts.append(
-        f"\nTotal: {sum(r['attempts'] for r in adv)} attempts, "
-        f"{sum(r['wrong_unmounts'] for r in adv)} wrong unmounts.\n"
     )
     parts.append("\n## Faults\n\n")
     parts.append(
