@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path as FsPath
 
 import pytest
-from calico_mount_reaper import mountinfo
+from calico_mount_reaper import mountinfo, resolve
 from calico_mount_reaper.config import Config
 from calico_mount_reaper.liveness import Liveness, observe
 from calico_mount_reaper.mountinfo import Mount
@@ -424,10 +424,18 @@ def _flip_forever(pairs: list[tuple[str, str]], second_namespace: bool) -> None:
             pass
 
 
-def _racing_swaps(path: Path, second_namespace: bool, iterations: int) -> dict[str, int]:
+def _racing_swaps(path: Path, variant: str, iterations: int) -> dict[str, int]:
     """Reap /run/calico/a/b/<name> in whole passes while an attacker swaps /run/calico, a or b
     for a symlink into a look-alike tree. Each look-alike holds a victim at the place the
-    target would be: a cgroup2 mount, an empty directory, or (b only) a tracing instance."""
+    target would be: a cgroup2 mount, an empty directory, or (b only) a tracing instance.
+
+    ``variant``: "same-ns", "second-ns" (the attacker in a mount namespace of its own), or
+    "walk" (same-ns, with directories opened by the component walk that kernels before 5.6
+    need: openat2 is made to look absent, the one thing mocked here).
+    """
+    second_namespace = variant == "second-ns"
+    if variant == "walk":
+        resolve._has_openat2 = lambda: False  # type: ignore[method-assign]
     name = f"cmr-race-{os.getpid()}"
     victims = _Victims(name)
     components = ["/run/calico", "/run/calico/a", "/run/calico/a/b"]
@@ -486,18 +494,25 @@ def _racing_swaps(path: Path, second_namespace: bool, iterations: int) -> dict[s
     return counts
 
 
+VARIANTS = {
+    "same-ns": "from the reaper's namespace",
+    "second-ns": "from a second mount namespace",
+    "walk": "from the reaper's namespace, directories opened by the pre-5.6 component walk",
+}
+
+
 @PATHS
-@pytest.mark.parametrize("second_namespace", [False, True], ids=["same-ns", "second-ns"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_racing_swaps_of_any_directory_on_the_path_never_redirect_a_reap(
-    path: Path, second_namespace: bool
+    path: Path, variant: str
 ) -> None:
     counts = in_namespace(
-        _racing_swaps, path, second_namespace, RACE_ITERATIONS, timeout=max(600, RACE_ITERATIONS)
+        _racing_swaps, path, variant, RACE_ITERATIONS, timeout=max(600, RACE_ITERATIONS)
     )
-    where = "a second mount namespace" if second_namespace else "the reaper's namespace"
+    where = VARIANTS[variant]
     record(
         "adversarial",
-        f"racing swaps of /run/calico, a or b for symlinks to look-alike trees, from {where}; "
+        f"racing swaps of /run/calico, a or b for symlinks to look-alike trees, {where}; "
         f"{counts['victims']} victims (cgroup2 mounts, empty dirs, a tracing instance)",
         path=path.value,
         attempts=counts["attempts"],
