@@ -181,8 +181,8 @@ def verify(fd: int, expected: Expected) -> str | None:
         got = stat_mount(b"", kind, dir_fd=fd).mount_id
     except OSError as exc:
         return f"cannot tell which mount {expected.path!r} is on: {exc.strerror}"
-    if got is None:
-        got = _fdinfo_mount_id(fd) if kind is IdKind.OLD else None
+    if got is None and kind is IdKind.OLD:
+        got = fdinfo_mount_id(f"/proc/self/fdinfo/{fd}")
     if got is None:
         return f"this kernel does not report the {kind.name.lower()} mount ID of {expected.path!r}"
     if got != want:
@@ -193,9 +193,9 @@ def verify(fd: int, expected: Expected) -> str | None:
     return None
 
 
-def _fdinfo_mount_id(fd: int) -> int | None:
-    """The old mount ID of ``fd`` from fdinfo: kernels before 5.8 lack STATX_MNT_ID."""
-    with open(f"/proc/self/fdinfo/{fd}") as f:
+def fdinfo_mount_id(fdinfo: str) -> int | None:
+    """The old mount ID from an fdinfo file: kernels before 5.8 lack STATX_MNT_ID."""
+    with open(fdinfo) as f:
         for line in f:
             if line.startswith("mnt_id:"):
                 return int(line.split()[1])

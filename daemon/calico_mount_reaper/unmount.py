@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from calico_mount_reaper.libc import call
 from calico_mount_reaper.mountinfo import Mount
 from calico_mount_reaper.mountinfo import read as read_mountinfo
-from calico_mount_reaper.resolve import Expected, Method, Unsafe, open_directory, verify
+from calico_mount_reaper.resolve import Expected, Unsafe, fdinfo_mount_id, open_directory, verify
 
 MNT_DETACH = 0x2
 UMOUNT_NOFOLLOW = 0x8
@@ -204,7 +204,9 @@ def identify(dir_fd: int, name: str, mount: Mount) -> str | None:
     fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         st = stat_mount(b"", IdKind.OLD, dir_fd=fd)
-        found_id = st.mount_id if st.mount_id is not None else _fdinfo_mnt_id(fd)
+        found_id = (
+            st.mount_id if st.mount_id is not None else fdinfo_mount_id(f"/proc/self/fdinfo/{fd}")
+        )
         magic = fs_type_of(fd)
     finally:
         os.close(fd)
@@ -221,22 +223,9 @@ def identify(dir_fd: int, name: str, mount: Mount) -> str | None:
 def _fdinfo_mount_id_at(dir_fd: int, name: str) -> int | None:
     fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        return _fdinfo_mnt_id(fd)
+        return fdinfo_mount_id(f"/proc/self/fdinfo/{fd}")
     finally:
         os.close(fd)
-
-
-def _fdinfo_mnt_id(fd: int) -> int | None:
-    """The old mount ID from fdinfo: kernels before 5.8 have no STATX_MNT_ID."""
-    return _fdinfo_field(f"/proc/self/fdinfo/{fd}")
-
-
-def _fdinfo_field(path: str) -> int | None:
-    with open(path) as f:
-        for line in f:
-            if line.startswith("mnt_id:"):
-                return int(line.split()[1])
-    return None
 
 
 def mount_exists(mount: Mount, mountinfo_path: str = "/proc/self/mountinfo") -> bool:
@@ -270,7 +259,7 @@ def _held_mounts(pid: str, proc_root: str) -> Iterator[tuple[str, int | None]]:
         return
     for fd in fds:
         try:
-            mnt = _fdinfo_field(f"{proc_root}/{pid}/fdinfo/{fd}")
+            mnt = fdinfo_mount_id(f"{proc_root}/{pid}/fdinfo/{fd}")
         except OSError:
             continue  # closed meanwhile
         yield f"fd {fd}", mnt
@@ -293,10 +282,10 @@ def find_blockers(mount_ids: Collection[int], proc_root: str = "/proc") -> tuple
     return tuple(found)
 
 
-def _open_verified(directory: Expected, method: Method) -> int | str:
+def _open_verified(directory: Expected) -> int | str:
     """The verified directory's fd, or why it cannot be used. ENOENT propagates."""
     try:
-        fd = open_directory(directory.path, method)
+        fd = open_directory(directory.path)
     except Unsafe as exc:
         return f"{directory.path!r}: {exc.strerror}"
     except FileNotFoundError:
@@ -325,11 +314,10 @@ def unmount_planned(
     site_ids: Collection[int] = (),
     mountinfo_path: str = "/proc/self/mountinfo",
     sleep: Callable[[float], None] = time.sleep,
-    method: Method = Method.AUTO,
 ) -> Outcome:
     """Unmount exactly ``mount`` through the verified ``directory`` (see `directory_of`)."""
     try:
-        opened = _open_verified(directory, method)
+        opened = _open_verified(directory)
     except FileNotFoundError:
         return _refused_or_gone(mount, mountinfo_path, "the path no longer exists")
     if isinstance(opened, str):
@@ -401,9 +389,7 @@ def _unmount_pinned(
     return Outcome(mount, Result.FAILED, f"busy; detach failed: {os.strerror(err)}", blockers)
 
 
-def remove_mount_point(
-    mount_point: str, directory: Expected, method: Method = Method.AUTO
-) -> str | None:
+def remove_mount_point(mount_point: str, directory: Expected) -> str | None:
     """rmdir the emptied mount-point directory; None once removed, else why it was kept.
 
     Only through the verified ``directory`` (the one the reaped mount was looked up in), only
@@ -414,7 +400,7 @@ def remove_mount_point(
     from calico_mount_reaper.statx import IdKind, stat_mount
 
     try:
-        opened = _open_verified(directory, method)
+        opened = _open_verified(directory)
     except OSError as exc:
         return exc.strerror or str(exc)
     if isinstance(opened, str):
