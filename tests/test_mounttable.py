@@ -427,24 +427,27 @@ OWN_RULE = (
 FELL_BACK = "reading the mount table from mountinfo:"
 
 
-def _daemon_reaps(tmp_path: Path, wrapper: Sequence[str]) -> tuple[str, list[str]]:
+def _daemon_sees(tmp_path: Path, wrapper: Sequence[str]) -> tuple[str, list[str]]:
+    """Start the daemon, mount a target, wait for the daemon to see it in its table. (Not for
+    the reap: that also depends on kubelet-named processes anywhere on this shared machine.)"""
     auto = {MOUNT_API_ENV: "auto"}  # whatever the suite runs under: this is about the probe
     with DaemonRun(tmp_path, config=OWN_RULE, env=auto, wrapper=wrapper) as d:
         d.start()
         d.wait_notify("READY=1")
         d.mount("cgroup2", OWN_TARGET)
-        d.wait_until(lambda: d.mounted(OWN_TARGET) == 0, what="reap")
+        d.wait_log(f"kapitest target {OWN_TARGET} (cgroup2) appeared")
+        d.collect(0.3)  # the STATUS= of the pass that followed
         assert d.stop() == 0
         return d.log(), [text for _, text in d.messages if text.startswith("STATUS=")]
 
 
 @needs_kernel_api
 @pytest.mark.parametrize("refusal", [errno.EPERM, errno.ENOSYS])
-def test_a_daemon_refused_the_calls_says_so_once_and_still_reaps(
+def test_a_daemon_refused_the_calls_says_so_once_and_still_reads_the_table(
     tmp_path: Path, refusal: int
 ) -> None:
     wrapper = [sys.executable, str(NO_LISTMOUNT), str(refusal)]
-    log, statuses = _daemon_reaps(tmp_path, wrapper)
+    log, statuses = _daemon_sees(tmp_path, wrapper)
     assert log.count(FELL_BACK) == 1, log  # one DEGRADED entry, not one per read
     assert "mount table via mountinfo" in log
     assert statuses and all("mount table: mountinfo" in s for s in statuses), statuses
@@ -452,6 +455,6 @@ def test_a_daemon_refused_the_calls_says_so_once_and_still_reaps(
 
 @needs_kernel_api
 def test_an_unfiltered_daemon_reads_through_the_kernel_api(tmp_path: Path) -> None:
-    log, statuses = _daemon_reaps(tmp_path, ())
+    log, statuses = _daemon_sees(tmp_path, ())
     assert FELL_BACK not in log and "mount table via listmount" in log, log
     assert statuses and all("mount table: listmount" in s for s in statuses), statuses

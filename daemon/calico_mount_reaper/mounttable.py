@@ -409,8 +409,19 @@ def to_mount(record: MountRecord) -> Mount:
 
 
 def to_mounts(records: Iterable[MountRecord], prefixes: Sequence[str]) -> tuple[Mount, ...]:
-    """The records at or below a prefix, oldest first, as Mounts: the pure half of a read."""
-    chosen = [
-        r for r in records if any(is_within(normalize_path(r.mount_point), p) for p in prefixes)
-    ]
-    return tuple(to_mount(r) for r in sorted(chosen, key=lambda r: r.unique_id))
+    """The records at or below a prefix, and every mount on or inside one of those whatever its
+    path says, oldest first, as Mounts: the pure half of a read."""
+    ordered = sorted(records, key=lambda r: r.unique_id)
+    kept = {
+        r.unique_id
+        for r in ordered
+        if any(is_within(normalize_path(r.mount_point), p) for p in prefixes)
+    }
+    grew = True
+    while grew:  # parents come first in ID order, so this settles in one round, or two
+        grew = False
+        for r in ordered:
+            if r.unique_id not in kept and r.unique_parent_id in kept:
+                kept.add(r.unique_id)
+                grew = True
+    return tuple(to_mount(r) for r in ordered if r.unique_id in kept)
