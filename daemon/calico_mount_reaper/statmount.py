@@ -1,4 +1,4 @@
-"""listmount(2) and statmount(2) (Linux 6.8+), and statx's unique mount ID, through ctypes.
+"""listmount(2) and statmount(2) (Linux 6.8+) through ctypes, and the unique mount ID of a path.
 
 Plain syscall wrappers, nothing else: `mounttable` decides what to ask and what the answers mean.
 Layouts follow include/uapi/linux/mount.h (6.8 to 6.18): the request is the 24-byte first
@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 
 from calico_mount_reaper.libc import libc
+from calico_mount_reaper.statx import IdKind, stat_mount
 
 # The syscall numbers are the same on every architecture for calls added after 5.1 (the unified
 # table in include/uapi/asm-generic/unistd.h and arch/*/syscall.tbl).
@@ -47,14 +48,6 @@ WANT = (
     | STATMOUNT_MNT_POINT
     | STATMOUNT_FS_TYPE
 )
-
-STATX_MNT_ID_UNIQUE = 0x4000  # Linux 6.8: stx_mnt_id holds the 64-bit unique ID
-_AT_FDCWD = -100
-_AT_SYMLINK_NOFOLLOW = 0x100
-_AT_NO_AUTOMOUNT = 0x800
-_STATX_SIZE = 256
-_STATX_MASK_OFFSET = 0  # struct statx: stx_mask (u32) comes first
-_STATX_MNT_ID_OFFSET = 144  # struct statx: stx_mnt_id (u64) after the dev/rdev numbers
 
 # Mount points are at most PATH_MAX; four strings of that fit with room to spare. A reply that
 # still does not fit is EOVERFLOW, and the call is retried with a bigger buffer.
@@ -228,13 +221,10 @@ class Kernel:
 
         ENOTSUP when the kernel leaves STATX_MNT_ID_UNIQUE out of the reply (before 6.8).
         """
-        buf = ctypes.create_string_buffer(_STATX_SIZE)
-        flags = _AT_SYMLINK_NOFOLLOW | _AT_NO_AUTOMOUNT
-        encoded = os.fsencode(path)
-        if libc().statx(_AT_FDCWD, encoded, flags, STATX_MNT_ID_UNIQUE, buf) != 0:
-            raise _raise("statx", ctypes.get_errno(), path)
-        raw = buf.raw
-        mask = int.from_bytes(raw[_STATX_MASK_OFFSET : _STATX_MASK_OFFSET + 4], "little")
-        if not mask & STATX_MNT_ID_UNIQUE:
+        try:
+            found = stat_mount(os.fsencode(path), IdKind.UNIQUE).mount_id
+        except OSError as exc:
+            raise ApiError(exc.errno, f"statx({path}): {exc.strerror}") from None
+        if found is None:
             raise _raise("statx", errno.ENOTSUP, path)
-        return int.from_bytes(raw[_STATX_MNT_ID_OFFSET : _STATX_MNT_ID_OFFSET + 8], "little")
+        return found
