@@ -373,14 +373,15 @@ def _garbage_lines_in_the_table() -> tuple[str, int]:
 
     from calico_mount_reaper import journal, mountinfo
     from calico_mount_reaper.config import Config
-    from calico_mount_reaper.daemon import Daemon
+    from calico_mount_reaper.daemon import Daemon, Sources
     from calico_mount_reaper.notify import Notifier
     from calico_mount_reaper.sources.mountinfo import MountTableWatch
 
     from tests.support import node
 
     class GarbledWatch(MountTableWatch):
-        """Stands in for a kernel that writes malformed lines (a real one never does)."""
+        """Stands in for a kernel that writes malformed lines (a real one never does): the real
+        table, real wakes, three planted lines."""
 
         def read(self, needles: object = None) -> mountinfo.ParseResult:
             real = super().read()
@@ -391,13 +392,18 @@ def _garbage_lines_in_the_table() -> tuple[str, int]:
 
     out = io.StringIO()
     log = journal.setup(stream=out)
-    daemon = Daemon(Config(grace_period=0), None, log, Notifier())
-    daemon.mount_watch.close()
-    daemon.selector.unregister(daemon.mount_watch)
-    daemon.mount_watch = GarbledWatch()
+    daemon = Daemon(
+        Config(grace_period=0), None, log, Notifier(), sources=Sources(mount_table=GarbledWatch)
+    )
+    daemon.start()
     node.mount_at("cgroup2", CGROUP)
-    daemon._reread(0.0)
-    daemon._evaluate(0.0)
+    deadline = time.monotonic() + 10
+    while CGROUP in node.points() and time.monotonic() < deadline:
+        daemon.turn(timeout=0.1)
+    for _ in range(3):  # more wakes and re-reads: the warnings must not come again
+        node.mount_at("tmpfs", "/run/other")
+        daemon.turn(timeout=0.3)
+    daemon.finish()
     logging.getLogger(journal.LOGGER_NAME).handlers.clear()
     return out.getvalue(), node.points().count(CGROUP)
 

@@ -11,14 +11,12 @@ from pathlib import Path
 
 import pytest
 from calico_mount_reaper.liveness import (
-    COMM_LEN,
-    KubeletState,
-    Process,
     find_owners,
     kubelet_from_processes,
     read_process,
     scan_processes,
 )
+from calico_mount_reaper.model import COMM_LEN, KubeletSource, KubeletState, Process
 
 
 def test_is_named_by_argv0_or_comm() -> None:
@@ -70,10 +68,10 @@ def test_find_owners_reads_names_once_from_an_iterator() -> None:
 def test_kubelet_from_processes() -> None:
     procs = [Process(1, "bash", "bash"), Process(812, "kubelet", "kubelet")]
     running = kubelet_from_processes(procs)
-    assert running.active is True and running.source == "process"
+    assert running.active is True and running.source is KubeletSource.PROCESS
     assert "pid 812" in running.detail and "no system bus" in running.detail
     stopped = kubelet_from_processes([Process(1, "bash", "bash")])
-    assert stopped.active is False and stopped.source == "process"
+    assert stopped.active is False and stopped.source is KubeletSource.PROCESS
     assert "not found" in stopped.detail
     assert not running.decommissioned and not stopped.decommissioned
 
@@ -98,7 +96,10 @@ def test_decommissioned(
     source: str, load_state: str, unit_file_state: str, decommissioned: bool
 ) -> None:
     state = KubeletState(
-        active=False, source=source, load_state=load_state, unit_file_state=unit_file_state
+        active=False,
+        source=KubeletSource(source),
+        load_state=load_state,
+        unit_file_state=unit_file_state,
     )
     assert state.decommissioned is decommissioned
 

@@ -10,54 +10,10 @@ used so that operators can tell a guess from an answer.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 
-# /proc/<pid>/comm holds at most 15 bytes of the executable's name.
-COMM_LEN = 15
-
-
-def _comm_of(name: str) -> str:
-    """What /proc/<pid>/comm shows, decoded like read_process does, for an executable ``name``."""
-    return name.encode()[:COMM_LEN].decode("utf-8", "replace")
-
-
-@dataclass(frozen=True)
-class Process:
-    pid: int
-    comm: str
-    argv0: str  # basename of argv[0]; "" for kernel threads and zombies
-
-    def is_named(self, name: str) -> bool:
-        # A long name only shows truncated in comm; matching the prefix errs towards "in use".
-        # The kernel truncates bytes, not characters (maybe inside a UTF-8 sequence), and
-        # read_process decodes comm with "replace": truncate and decode the name the same way.
-        return self.argv0 == name or self.comm == _comm_of(name)
-
-
-@dataclass(frozen=True)
-class KubeletState:
-    """``active`` is None when it could not be learned at all."""
-
-    active: bool | None
-    source: str  # "dbus", "process" or "none"
-    unit_file_state: str = ""  # enabled, disabled, masked, ... (D-Bus only)
-    load_state: str = ""  # loaded, not-found, masked, ... (D-Bus only)
-    detail: str = ""
-
-    @property
-    def decommissioned(self) -> bool:
-        """kubelet.service was disabled, masked or removed: the node is leaving the cluster."""
-        return self.source == "dbus" and (
-            self.load_state in ("not-found", "masked")
-            or self.unit_file_state in ("disabled", "masked", "masked-runtime")
-        )
-
-
-@dataclass(frozen=True)
-class Liveness:
-    owners: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # name -> live PIDs
-    kubelet: KubeletState = KubeletState(active=False, source="none")
+from calico_mount_reaper.model import KubeletSource, KubeletState, Liveness, Process
+from calico_mount_reaper.sources.systemd import kubelet_from_dbus
 
 
 def find_owners(processes: Iterable[Process], names: Iterable[str]) -> dict[str, tuple[int, ...]]:
@@ -108,27 +64,7 @@ def kubelet_from_processes(processes: Iterable[Process]) -> KubeletState:
     """The fallback without a system bus: a running kubelet process counts as active."""
     pids = find_owners(processes, ["kubelet"]).get("kubelet", ())
     detail = f"no system bus; kubelet process {'pid ' + str(pids[0]) if pids else 'not found'}"
-    return KubeletState(active=bool(pids), source="process", detail=detail)
-
-
-def kubelet_from_dbus(unit: str = "kubelet.service") -> KubeletState | None:
-    """Ask systemd over the system bus; None when there is no bus (or no systemd) to ask."""
-    try:
-        from pystemd.dbusexc import DBusBaseError
-        from pystemd.dbuslib import DBus
-    except ImportError:
-        return None
-    # Imported here: the D-Bus protocol lives with the systemd event source, which imports us.
-    from calico_mount_reaper.sources.systemd import query_kubelet
-
-    bus = DBus()
-    try:
-        bus.open()
-        return query_kubelet(bus, unit)
-    except DBusBaseError:
-        return None
-    finally:
-        bus.close()  # also right after a failed open(): sd-bus accepts closing a NULL bus
+    return KubeletState(active=bool(pids), source=KubeletSource.PROCESS, detail=detail)
 
 
 def system_bus_present() -> bool:

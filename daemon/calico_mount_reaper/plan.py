@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from calico_mount_reaper.config import Config
-from calico_mount_reaper.liveness import Liveness
+from calico_mount_reaper.model import Liveness
 from calico_mount_reaper.mountinfo import Mount
 from calico_mount_reaper.targets import Rule, is_denied, normalize_path, rule_for
 
@@ -161,7 +161,7 @@ def assess(site: Site, liveness: Liveness, mode: Mode) -> Assessment:
         verdict, reason = Verdict.HELD, "held: kubelet's state is unknown"
     else:
         verdict, reason = Verdict.ORPHANED, f"orphaned: no {'/'.join(site.rule.owners)} running"
-        reason += f" and kubelet is not active ({kubelet.detail or kubelet.source})"
+        reason += f" and kubelet is not active ({kubelet.detail or kubelet.source.value})"
     reap = {
         Mode.NORMAL: verdict is Verdict.ORPHANED,
         Mode.DECOMMISSION: verdict is not Verdict.IN_USE,
