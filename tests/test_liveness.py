@@ -210,3 +210,52 @@ def test_non_ascii_long_name_is_truncated_in_bytes_like_the_kernel(
     assert proc is not None and proc.argv0 == "x"
     assert proc.is_named(long_name)
     assert not proc.is_named(long_name.replace("agent", "other")[:14])
+
+
+def test_an_exited_process_its_parent_has_not_collected_is_gone(tmp_path: Path) -> None:
+    link = tmp_path / "calico-node"
+    link.symlink_to("/bin/true")
+    child = subprocess.Popen([str(link)])
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z":
+            assert time.monotonic() < deadline, "child did not exit"
+            time.sleep(0.005)
+        # Still listed under its name (comm survives exit), but no owner any more.
+        assert Path(f"/proc/{child.pid}/comm").read_text().strip() == "calico-node"
+        assert read_process(child.pid) is None
+        assert child.pid not in {p.pid for p in scan_processes()}
+    finally:
+        child.wait()
+
+
+def test_a_process_whose_first_thread_exited_alone_is_still_alive(
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    # SYS_exit (60 on x86_64) ends only the calling thread: the leader shows Z while another
+    # thread runs on, and the process is alive (measured on Linux 6.18: num_threads stays 2).
+    if os.uname().machine != "x86_64":
+        pytest.skip("the raw syscall number below is x86_64's")
+    code = (
+        "import ctypes, threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); "
+        "print('ready', flush=True); ctypes.CDLL(None).syscall(60, 0)"
+    )
+    child = _start([sys.executable, "-c", code])
+    children.append(child)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z":
+        assert time.monotonic() < deadline, "leader thread did not exit"
+        time.sleep(0.005)
+    proc = read_process(child.pid)
+    assert proc is not None and proc.pid == child.pid
+
+
+def test_a_comm_with_parentheses_and_spaces_is_read_whole(
+    tmp_path: Path, children: list[subprocess.Popen[bytes]]
+) -> None:
+    # /proc/<pid>/stat prints comm raw between "(" and ")": the last ")" ends it.
+    link = tmp_path / "a) b (c"
+    link.symlink_to("/bin/sleep")
+    child = _start(["x", "30"], executable=str(link))
+    children.append(child)
+    assert read_process(child.pid) == Process(child.pid, "a) b (c", "x")
