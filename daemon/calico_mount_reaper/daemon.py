@@ -2,48 +2,36 @@
 
 Sources (each a thin object over a file descriptor, opened through `Sources`): the mount table
 (POLLPRI on mountinfo), systemd over D-Bus, kernel uevents for dataplane interfaces, pidfds of
-owner processes, and signals (through a wakeup pipe). A wake only records what happened, as a
-change of the `Schedule`; the loop then runs the jobs the schedule says are due: a coalesced
-re-read of the table, a liveness scan and the verdicts, the watchdog ping, the safety-net
-rescan, a bus retry. Decisions are made by the pure core (plan, grace, schedule, stopping);
-this module only wires them to the system.
+owner processes, and signals (through a wakeup pipe). A wake only records what happened, in
+the `Judge` (what is known) and the `Schedule` (what is due); the loop then runs the jobs the
+schedule says are due: the watchdog ping, a bus retry, the safety-net rescan, a coalesced
+re-read of the table, the verdicts. Decisions are made by the pure core (plan, grace,
+schedule, stopping); this module only wires them to the system.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import selectors
 import signal
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from calico_mount_reaper import config as config_mod
-from calico_mount_reaper import grace, journal, metrics
+from calico_mount_reaper import journal
 from calico_mount_reaper.config import Config, ConfigError
-from calico_mount_reaper.liveness import (
-    find_owners,
-    kubelet_from_processes,
-    scan_processes,
-    system_bus_present,
-)
-from calico_mount_reaper.model import KubeletState, Liveness, ReapOnStop, SiteKey
+from calico_mount_reaper.judge import Judge
+from calico_mount_reaper.liveness import system_bus_present
+from calico_mount_reaper.model import KubeletState, ReapOnStop
 from calico_mount_reaper.mountinfo import ParseResult
 from calico_mount_reaper.notify import Notifier, watchdog_interval
-from calico_mount_reaper.plan import Assessment, Mode, plan
-from calico_mount_reaper.reaper import (
-    MOUNTINFO,
-    Table,
-    in_host_mount_namespace,
-    journal_outcome,
-    journal_report,
-    run_pass,
-)
+from calico_mount_reaper.plan import Mode
+from calico_mount_reaper.reaper import MOUNTINFO, in_host_mount_namespace
 from calico_mount_reaper.schedule import ERROR_RETRY, Job, Schedule
-from calico_mount_reaper.sources.mountinfo import MountTableWatch, diff
+from calico_mount_reaper.sources.mountinfo import MountTableWatch
 from calico_mount_reaper.sources.processes import OwnerExits
 from calico_mount_reaper.sources.systemd import (
     BusLost,
@@ -54,8 +42,8 @@ from calico_mount_reaper.sources.systemd import (
     SystemdWatch,
 )
 from calico_mount_reaper.sources.udev import InterfaceWatch, UdevUnavailable
-from calico_mount_reaper.stopping import decide_stop
-from calico_mount_reaper.targets import rule_for, search_needles
+from calico_mount_reaper.stopping import StopDecision, decide_stop
+from calico_mount_reaper.targets import search_needles
 from calico_mount_reaper.unitname import mount_unit
 
 # Repeat the same error line at most this often, so a persistent fault cannot flood the journal.
@@ -64,8 +52,9 @@ ERROR_REPEAT = 60.0
 PID1_CATCH_UP = 2.0
 # Test-only fault switches (README, "Fault switches"): never set on a real node.
 FAULTS_ENV = "CALICO_MOUNT_REAPER_FAULTS"
-# `run` exits with these (sysexits.h; the unit's RestartPreventExitStatus=78 keys on it).
-# TODO(operator): use cli.ExitCode.CONFIG once it exists; a literal here avoids importing cli.
+# `run` exits with this on a bad config (sysexits.h EX_CONFIG; the unit's
+# RestartPreventExitStatus=78 keys on it). TODO(operator): cli.ExitCode.CONFIG once it exists;
+# a literal here keeps the daemon from importing the CLI.
 EXIT_CONFIG = 78
 
 
@@ -85,23 +74,6 @@ class Sources:
     bus_present: Callable[[], bool] = system_bus_present
 
 
-@dataclass
-class State:
-    """What the loop knows between wakes. Plain data: every change goes through the Daemon."""
-
-    table: Table = field(default_factory=lambda: Table((), (), ()))
-    liveness: Liveness = field(default_factory=Liveness)
-    timers: grace.GraceTimers = field(default_factory=grace.GraceTimers)
-    reasons: Mapping[SiteKey, str] = field(default_factory=dict)
-    decommissioned: bool = False
-    shutting_down: bool = False
-    stop_requested: bool = False
-    reload_requested: bool = False
-    liveness_stale: bool = True
-    rereads: int = 0
-    counters: metrics.Counters = field(default_factory=metrics.Counters)
-
-
 class Daemon:
     """Public surface: `start`, `turn` (one wake), `finish`, or `run` for all three."""
 
@@ -117,8 +89,7 @@ class Daemon:
         mountinfo_path: str = MOUNTINFO,
     ) -> None:
         self.config, self.config_path, self.log, self.notifier = config, config_path, log, notifier
-        self.sources, self.clock, self.mountinfo_path = sources, clock, mountinfo_path
-        self.state = State()
+        self.sources, self.clock = sources, clock
         self.schedule = Schedule.start(clock(), config.rescan_interval, watchdog_interval())
         self.faults = frozenset(filter(None, os.environ.get(FAULTS_ENV, "").split(",")))
         self.selector = selectors.DefaultSelector()
@@ -128,15 +99,18 @@ class Daemon:
         self.selector.register(self.owners, selectors.EVENT_READ, self._on_owner_exit)
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector.register(self._signal_r, selectors.EVENT_READ, self._on_signal)
+        self.judge = Judge(config, log, notifier, self.owners, self._read, mountinfo_path)
         self.interfaces: InterfaceWatch | None = None
         self.bus: SystemdWatch | None = None
-        self._last_error, self._last_error_at = "", 0.0
+        self.errors = ErrorLog(log)
+        self.rereads = 0
+        self.stop_requested = self.reload_requested = self.shutting_down = False
 
     # ---- the loop ----------------------------------------------------------------------------
 
     def run(self) -> int:
         self.start()
-        while not self.state.stop_requested:
+        while not self.stop_requested:
             self.turn()
         return self.finish()
 
@@ -145,22 +119,14 @@ class Daemon:
         signal.set_wakeup_fd(self._signal_w, warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
             signal.signal(signum, lambda *_: None)  # the wakeup fd carries the number
-        if in_host_mount_namespace() is False:
-            self._event(
-                "WRONG_NAMESPACE",
-                "not in the host's mount namespace (PID 1's): unmounts here would not reach "
-                "the host; check the unit for PrivateMounts= and Protect*= options",
-                logging.ERROR,
-                result="wrong-namespace",
-            )
+        warn_unless_in_host_mount_namespace(self.log)
         now = self.clock()
         self._connect_bus(now)
         self._open_interfaces()
         self._reread(now)
         self._evaluate(now)
         self.notifier.ready()
-        rules = len(self.config.rules)
-        message = f"watching {rules} target rules from {self.config.source}"
+        message = f"watching {len(self.config.rules)} target rules from {self.config.source}"
         self._event("STARTED", message, result="ready")
 
     def turn(self, timeout: float | None = None) -> None:
@@ -171,21 +137,18 @@ class Daemon:
             wait = timeout if wait is None else min(wait, timeout)
         for key, _ in self.selector.select(wait):
             self._survive(key.data)
-        if self.state.reload_requested:
+        if self.reload_requested:
             self._survive(self._reload)
-        for job in Job:  # each is checked after the one before it ran: see Job
-            if self.schedule.is_due(job, self.clock()):
-                self._survive(self._jobs[job])
-
-    @property
-    def _jobs(self) -> dict[Job, Callable[[float], None]]:
-        return {
+        jobs = {
             Job.PING: self._ping,
             Job.BUS_RETRY: self._connect_bus,
             Job.RESCAN: self._rescan,
             Job.REREAD: self._reread,
             Job.EVALUATE: self._evaluate,
         }
+        for job in Job:  # each is checked after the one before it ran: see Job
+            if self.schedule.is_due(job, self.clock()):
+                self._survive(jobs[job])
 
     def _survive(self, step: Callable[[float], None]) -> None:
         """Run one step; an OSError from the node (EMFILE, ENOMEM, EACCES...) is logged and
@@ -195,16 +158,8 @@ class Daemon:
         try:
             step(now)
         except OSError as exc:
-            message = f"{getattr(step, '__name__', 'step')}: {exc}"
-            if message != self._last_error or now - self._last_error_at > ERROR_REPEAT:
-                self.log.error(
-                    "carrying on after an error (retrying in %g s): %s",
-                    ERROR_RETRY,
-                    message,
-                    exc_info=True,
-                )
-                self._last_error, self._last_error_at = message, now
-            self.state.liveness_stale = True
+            self.errors.report(f"{getattr(step, '__name__', 'step')}: {exc}", now)
+            self.judge.stale = True
             self.schedule = self.schedule.after_error(now)
 
     # ---- sources -----------------------------------------------------------------------------
@@ -219,23 +174,12 @@ class Daemon:
         self.selector.register(self.interfaces, selectors.EVENT_READ, self._on_uevents)
 
     def _connect_bus(self, now: float) -> None:
-        watch = self.sources.systemd(self.config.kubelet_unit)
-        socket_present = self.sources.bus_present()
         try:
-            # No socket, no point loading pystemd (tens of ms at start) to be told so.
-            if not socket_present:
-                raise BusUnavailable(
-                    f"no D-Bus system bus socket at {watch.where}; start dbus (systemctl "
-                    "start dbus) or set DBUS_SYSTEM_BUS_ADDRESS. Until then kubelet is judged "
-                    "by its process"
-                )
-            watch.connect()
-            kubelet = watch.kubelet()
+            watch, kubelet = connect_systemd(self.sources, self.config.kubelet_unit)
         except BusUnavailable as exc:
-            watch.close()
             if self.schedule.bus_outage_started:  # say it once per outage, not per retry
                 self._degraded(f"running degraded: {exc}", str(exc), "no-bus")
-            self.schedule = self.schedule.bus_failed(now, socket_present)
+            self.schedule = self.schedule.bus_failed(now, self.sources.bus_present())
             return
         self.bus, self.schedule = watch, self.schedule.bus_connected()
         self.selector.register(watch, selectors.EVENT_READ, self._on_bus)
@@ -250,8 +194,8 @@ class Daemon:
             self.bus = None
         message = f"{reason}; judging kubelet by its process until the bus is back"
         self._degraded(message, reason, "bus-lost")
-        self.schedule = self.schedule.bus_lost(now).evaluate_by(now)
-        self.state.liveness_stale = True
+        self._set_kubelet(None, now)
+        self.schedule = self.schedule.bus_lost(now)
 
     # ---- wake handlers: record what happened, decide nothing --------------------------------
 
@@ -265,14 +209,14 @@ class Daemon:
         for ev in events:
             self.log.debug("interface %s: %s", ev.name or "(overflow)", ev.action)
         if events:
-            self.state.liveness_stale = True
+            self.judge.stale = True
             self.schedule = self.schedule.mounts_changed(now)
 
     def _on_owner_exit(self, now: float) -> None:
         exited = self.owners.drain()
         if exited:
             self.log.debug("watched processes exited: %s", exited)
-            self.state.liveness_stale = True
+            self.judge.stale = True
             self.schedule = self.schedule.evaluate_by(now)
 
     def _on_bus(self, now: float) -> None:
@@ -282,10 +226,10 @@ class Daemon:
                 self._set_kubelet(ev.state, now)
                 self.log.info("kubelet: %s", ev.state.detail)
             elif isinstance(ev, Decommissioned):
-                self.state.decommissioned = True
+                self.judge.decommissioned = True
                 self.log.warning("node decommission: %s; reaping without grace period", ev.reason)
             elif isinstance(ev, ShuttingDown):
-                self.state.shutting_down = True
+                self.shutting_down = True
                 self.log.info("system is going down: %s", ev.reason)
             elif isinstance(ev, BusLost):
                 self._drop_bus(now, ev.reason)
@@ -299,13 +243,17 @@ class Daemon:
             return
         for signum in signums:
             if signum in (signal.SIGTERM, signal.SIGINT):
-                self.state.stop_requested = True
+                self.stop_requested = True
             elif signum == signal.SIGHUP:
-                self.state.reload_requested = True
+                self.reload_requested = True
             elif signum == signal.SIGUSR2 and "freeze-on-usr2" in self.faults:
                 self.log.warning("fault switch freeze-on-usr2: freezing the loop")
                 while True:  # the watchdog must notice and restart us
                     time.sleep(3600)
+
+    def _set_kubelet(self, state: KubeletState | None, now: float) -> None:
+        self.judge.set_kubelet(state)
+        self.schedule = self.schedule.evaluate_by(now)
 
     # ---- jobs --------------------------------------------------------------------------------
 
@@ -315,136 +263,39 @@ class Daemon:
 
     def _rescan(self, now: float) -> None:
         # Safety net for a change no event told us about: re-read the table, and a difference
-        # schedules new verdicts (_apply). Owner exits come through pidfds and every reap
-        # rescans the processes first, so /proc and the verdicts need a periodic look only
-        # where pidfds are missing, or to keep the metrics' last pass fresh. Skipping them is
-        # most of an idle wake's cost (bench/ scenario 5).
+        # schedules new verdicts. Owner exits come through pidfds and every reap rescans the
+        # processes first, so /proc and the verdicts need a periodic look only where pidfds
+        # are missing, or to keep the metrics' last pass fresh. Skipping them is most of an
+        # idle wake's cost (bench/ scenario 5).
         self.schedule = self.schedule.rescanned(now)
         if not self.owners.supported or self.config.metrics_path:
-            self.state.liveness_stale |= not self.owners.supported
+            self.judge.stale |= not self.owners.supported
             self.schedule = self.schedule.evaluate_by(now)
 
     def _read(self) -> ParseResult:
         """Every read of the table goes through the source: reading re-arms it."""
         parsed = self.mount_table.read(search_needles(self.config.rules))
         self.schedule = self.schedule.reread_done(self.clock())
-        self.state.rereads += 1
+        self.rereads += 1
         return parsed
 
     def _reread(self, now: float) -> None:
-        self._apply(Table.of(self._read(), self.config), now)
-
-    def _apply(self, table: Table, now: float) -> None:
-        """Take a fresh table as the current view; journal the target mounts that changed."""
-        changed = journal_table_changes(self.log, self.state.table, table, self.config)
-        self.state.table = table
-        if changed:
-            self.state.liveness_stale = True
+        if self.judge.take_read():
             self.schedule = self.schedule.evaluate_by(now)
 
-    def _set_kubelet(self, state: KubeletState, now: float) -> None:
-        self.state.liveness = replace(self.state.liveness, kubelet=state)
-        if self.state.decommissioned and not state.decommissioned:
-            self.state.decommissioned = False
-            self.log.info("kubelet is back (%s): decommission cancelled", state.detail)
-        self.schedule = self.schedule.evaluate_by(now)
-
-    def _observe(self, now: float) -> Liveness:
-        """Scan /proc for owners (and kubelet, without a bus) and watch their exits."""
-        processes = list(scan_processes())
-        watched = {*self.config.owner_names} | (set() if self.bus else {"kubelet"})
-        found = find_owners(processes, watched)
-        kubelet = self.state.liveness.kubelet if self.bus else kubelet_from_processes(processes)
-        # A pidfd per live owner: its exit wakes us at once instead of at the next rescan.
-        if self.owners.watch(pid for pids in found.values() for pid in pids):
-            self.schedule = self.schedule.evaluate_by(now)  # one died meanwhile: look again
-            self.state.liveness_stale = True
-        owners = {name: pids for name, pids in found.items() if name in self.config.owner_names}
-        return Liveness(owners=owners, kubelet=kubelet)
-
-    def _mode(self) -> Mode:
-        return Mode.DECOMMISSION if self.state.decommissioned else Mode.NORMAL
-
     def _evaluate(self, now: float) -> None:
-        """Verdicts, grace timers and, when one is due, a reap."""
-        st = self.state
         self.schedule = self.schedule.evaluated()
-        if not st.table.sites:
-            st.timers, st.reasons = grace.GraceTimers(), {}
-            self.owners.watch(())
-            self._publish(())
-            return
-        scanned = st.liveness_stale
-        if scanned:
-            st.liveness_stale = False
-            st.liveness = self._observe(now)
-        mode = self._mode()
-        assessments = plan(st.table.mounts, st.liveness, mode, self.config, st.table.sites)
-        immediate = mode is Mode.DECOMMISSION
-        decision = grace.decide(
-            st.timers, assessments.assessments, now, self.config.grace_period, immediate
-        )
-        if decision.due and not scanned:
-            # An owner may have started since the last scan (a start sends no event): decide
-            # an unmount on a fresh look at the processes, never on an old one.
-            st.liveness_stale = True
-            self._evaluate(now)
-            return
-        wait = 0.0 if immediate else self.config.grace_period
-        st.reasons = journal_verdicts(self.log, st.reasons, assessments.assessments, wait)
-        st.timers = decision.timers
-        if decision.next_deadline is not None:
-            self.schedule = self.schedule.evaluate_by(decision.next_deadline)
-        if decision.due:
-            self._reap(mode, {a.site.mount_point for a in decision.due}, now)
-        self._publish(assessments.assessments)
-
-    def _reap(self, mode: Mode, only: set[str] | None, now: float) -> list[str]:
-        """Reap, journal and count; returns the mount points that are gone."""
-        report = run_pass(
-            self.config,
-            mode,
-            liveness=self.state.liveness,
-            only=only,
-            on_outcome=lambda outcome, action: journal_outcome(self.log, outcome, action),
-            mountinfo_path=self.mountinfo_path,
-            table=self.state.table,
-            read=self._read,
-        )
-        tally, counters = journal_report(self.log, report), self.state.counters
-        counters.reaps_total += tally.reaped
-        counters.failures_total += tally.failed
-        counters.refusals_total += tally.refused
-        # The pass ended with a fresh read: take it as our view at once, so a mount that
-        # reappears right after our unmount (same recycled ID, same place) is seen as new.
-        if report.table is not None:
-            self._apply(report.table, now)
-        return [a.site.mount_point for a in report.reaped]
-
-    def _publish(self, assessments: Iterable[Assessment]) -> None:
-        """STATUS= line and the metrics file."""
-        items = list(assessments)
-        self.notifier.status(status_text(items, len(self.config.rules), self.bus is not None))
-        self.state.counters.targets_mounted = len(items)
-        self.state.counters.last_pass_timestamp_seconds = time.time()
-        if self.config.metrics_path:
-            try:
-                metrics.write_textfile(self.config.metrics_path, self.state.counters)
-            except OSError as exc:
-                self.log.warning("cannot write metrics: %s", exc)
+        again = self.judge.evaluate(now)
+        if again is not None:
+            self.schedule = self.schedule.evaluate_by(again)
 
     def _reload(self, now: float) -> None:
-        self.state.reload_requested = False
-        try:
-            new = config_mod.load(self.config_path)
-        except ConfigError as exc:
-            message = f"new config rejected, keeping the old one: {exc}"
-            self._event(
-                "CONFIG_REJECTED", message, logging.ERROR, reason=str(exc), result="kept-old"
-            )
+        self.reload_requested = False
+        new = reload_config(self.config_path, self.log)
+        if new is None:
             return
-        self.config = new
-        self.state.liveness_stale = True
+        self.config = self.judge.config = new
+        self.judge.stale = True
         # The rules may have changed, so the sites must be found again in a fresh read.
         self.schedule = self.schedule.mounts_changed(now)
         self.log.info("config reloaded from %s", new.source)
@@ -453,38 +304,20 @@ class Daemon:
 
     def finish(self) -> int:
         """The stop: a final reap if the policy and the system's state call for one."""
-        now = self.clock()
-        going_down = self.state.shutting_down or self._system_stopping()
+        going_down = self.shutting_down or system_stopping(self.bus, self.log)
         policy = ReapOnStop(self.config.reap_on_stop)
         decision = decide_stop(policy, going_down)
         self.notifier.stopping()
-        self._event(
-            "STOPPING",
-            f"stopping ({decision.why}); final reap: {'yes' if decision.final_reap else 'no'} "
-            f"(reap_on_stop={policy.value}); {self.state.rereads} table re-reads",
-            reason=decision.why,
-            result="final-reap" if decision.final_reap else "no-reap",
-        )
+        journal_stopping(self.log, decision, policy, self.rereads)
         if decision.final_reap:
-            # A busy mount may need every retry; ask systemd for the time before using it.
-            retries = sum(self.config.busy_backoff * 2**i for i in range(self.config.busy_retries))
-            self.notifier.extend_timeout(5 + 2 * retries)
-            self.state.table = Table.of(self._read(), self.config)  # plan from the kernel's view
-            reaped = self._reap(Mode.SHUTDOWN, None, now)
+            self.notifier.extend_timeout(final_reap_budget(self.config))
+            self.judge.take_read()  # plan from the kernel's view
+            reaped = self.judge.reap(Mode.SHUTDOWN, None)
             if self.bus is not None:
                 wait_for_pid1(self.bus, reaped, self.log, self.clock)
-        self._publish(())
+        self.judge.publish(())
         self.close()
         return 0
-
-    def _system_stopping(self) -> bool:
-        if self.bus is None:
-            return False
-        try:
-            return self.bus.system_stopping()
-        except BusUnavailable as exc:
-            self.log.warning("cannot tell whether the system is stopping: %s", exc)
-            return False
 
     def close(self) -> None:
         signal.set_wakeup_fd(-1)
@@ -502,75 +335,94 @@ class Daemon:
         journal.event(self.log, name, message, level=level, stacklevel=2, **fields)
 
 
-# ---- what the daemon says, as functions of what it knows ------------------------------------
-
-
-def journal_table_changes(log: logging.Logger, old: Table, new: Table, config: Config) -> bool:
-    """Journal new malformed lines and the target mounts that appeared or went; True if any
-    mount did (the verdicts must then be looked at again)."""
-    # A malformed line stays malformed on every re-read: say so once, not once per read.
-    # Its line number shifts as other mounts come and go, so it is not part of the key.
-    seen = {_without_line_number(w) for w in old.warnings}
-    for warning in new.warnings:
-        if _without_line_number(warning) not in seen:
-            log.warning("%s", warning)
-    appeared, gone = diff(old.mounts, new.mounts)
-    changes = [(m, "TARGET_APPEARED", "appeared") for m in appeared]
-    changes += [(m, "TARGET_GONE", "is gone") for m in gone]
-    for m, name, verb in changes:
-        rule = rule_for(m, config.rules)
-        if rule is not None:
-            journal.event(
-                log,
-                name,
-                f"{rule.name} target {m.mount_point} ({m.fstype}) {verb}",
-                mount_point=m.mount_point,
-                mount_id=m.mount_id,
-                fstype=m.fstype,
-                target=rule.name,
-            )
-    return bool(appeared or gone)
-
-
-def journal_verdicts(
-    log: logging.Logger,
-    before: Mapping[SiteKey, str],
-    assessments: Iterable[Assessment],
-    wait: float,
-) -> dict[SiteKey, str]:
-    """One entry per change of a site's verdict, so the journal says why it waits; returns
-    the reasons now in force."""
-    now: dict[SiteKey, str] = {}
-    for a in assessments:
-        key = grace.site_key(a.site)
-        now[key] = a.reason
-        if before.get(key) == a.reason:
-            continue
-        if a.reap:
-            message = f"{a.site.mount_point}: {a.reason}; reaping in {wait:g} s"
-            result = "scheduled"
-        else:
-            message, result = f"{a.site.mount_point}: left alone, {a.reason}", "refused"
+def warn_unless_in_host_mount_namespace(log: logging.Logger) -> None:
+    if in_host_mount_namespace() is False:
         journal.event(
             log,
-            "VERDICT",
-            message,
-            mount_point=a.site.mount_point,
-            target=a.site.rule.name,
-            mount_id=a.site.roots[0].mount_id,
-            fstype=a.site.roots[0].fstype,
-            reason=a.reason,
-            result=result,
+            "WRONG_NAMESPACE",
+            "not in the host's mount namespace (PID 1's): unmounts here would not reach the "
+            "host; check the unit for PrivateMounts= and Protect*= options",
+            level=logging.ERROR,
+            result="wrong-namespace",
         )
-    return now
 
 
-def status_text(assessments: list[Assessment], rules: int, on_bus: bool) -> str:
-    held = sum(1 for a in assessments if not a.reap)
-    text = f"watching {rules} target rules; {len(assessments)} mounted"
-    if held:
-        text += f", {held} left alone ({assessments[0].reason if held == 1 else 'see journal'})"
-    return text if on_bus else text + "; degraded: no D-Bus"
+def reload_config(path: str | None, log: logging.Logger) -> Config | None:
+    """The config file again (SIGHUP), or None, journaled, if it is bad: the old one stays."""
+    try:
+        return config_mod.load(path)
+    except ConfigError as exc:
+        journal.event(
+            log,
+            "CONFIG_REJECTED",
+            f"new config rejected, keeping the old one: {exc}",
+            level=logging.ERROR,
+            reason=str(exc),
+            result="kept-old",
+        )
+        return None
+
+
+def journal_stopping(
+    log: logging.Logger, decision: StopDecision, policy: ReapOnStop, rereads: int
+) -> None:
+    final = "yes" if decision.final_reap else "no"
+    journal.event(
+        log,
+        "STOPPING",
+        f"stopping ({decision.why}); final reap: {final} (reap_on_stop={policy.value}); "
+        f"{rereads} table re-reads",
+        reason=decision.why,
+        result="final-reap" if decision.final_reap else "no-reap",
+    )
+
+
+def system_stopping(bus: SystemdWatch | None, log: logging.Logger) -> bool:
+    """Whether systemd is taking the system down (False when it cannot be asked)."""
+    if bus is None:
+        return False
+    try:
+        return bus.system_stopping()
+    except BusUnavailable as exc:
+        log.warning("cannot tell whether the system is stopping: %s", exc)
+        return False
+
+
+def connect_systemd(sources: Sources, kubelet_unit: str) -> tuple[SystemdWatch, KubeletState]:
+    """A connected watch and kubelet's state; raises BusUnavailable (the watch closed)."""
+    watch = sources.systemd(kubelet_unit)
+    try:
+        # No socket, no point loading pystemd (tens of ms at start) to be told so.
+        if not sources.bus_present():
+            raise BusUnavailable(
+                f"no D-Bus system bus socket at {watch.where}; start dbus (systemctl start "
+                "dbus) or set DBUS_SYSTEM_BUS_ADDRESS. Until then kubelet is judged by its process"
+            )
+        watch.connect()
+        return watch, watch.kubelet()
+    except BusUnavailable:
+        watch.close()
+        raise
+
+
+def final_reap_budget(config: Config) -> float:
+    """Seconds to ask systemd for before a final reap: a busy mount may need every retry."""
+    retries = sum(config.busy_backoff * (1 << i) for i in range(config.busy_retries))
+    return 5 + 2 * retries
+
+
+class ErrorLog:
+    """Logs a step's error, but the same one at most every ERROR_REPEAT seconds, so a
+    persistent fault cannot flood the journal."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.log, self.last, self.last_at = log, "", 0.0
+
+    def report(self, message: str, now: float) -> None:
+        if message != self.last or now - self.last_at > ERROR_REPEAT:
+            retry = f"carrying on after an error (retrying in {ERROR_RETRY:g} s)"
+            self.log.error("%s: %s", retry, message, exc_info=True)
+            self.last, self.last_at = message, now
 
 
 def wait_for_pid1(
@@ -595,10 +447,6 @@ def wait_for_pid1(
         return
     if units:
         log.warning("systemd still lists %s as mounted after %g s", ", ".join(units), PID1_CATCH_UP)
-
-
-def _without_line_number(warning: str) -> str:
-    return re.sub(r"^mountinfo line \d+ ", "", warning)
 
 
 def run(config_path: str | None, verbose: bool = False) -> int:

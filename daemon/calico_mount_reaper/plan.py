@@ -15,11 +15,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from calico_mount_reaper.config import Config
 from calico_mount_reaper.model import Liveness
 from calico_mount_reaper.mountinfo import Mount
 from calico_mount_reaper.targets import Rule, is_denied, normalize_path, rule_for
+
+if TYPE_CHECKING:  # the type only: loading a config reads files, and the plan reads none
+    from calico_mount_reaper.config import Config
 
 # Filesystems a lazy detach is fine for: no data to flush, nothing to lose.
 DETACHABLE_FSTYPES = frozenset({"cgroup2", "bpf"})

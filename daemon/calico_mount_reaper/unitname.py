@@ -8,8 +8,6 @@ the tests compare them with ``systemd-escape`` and libsystemd's ``sd_bus_path_en
 
 from __future__ import annotations
 
-import os
-
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 
 # systemd-escape keeps these bytes as they are (unit-name.c, VALID_CHARS minus "-" and "\\").
@@ -26,7 +24,8 @@ def escape_path(path: str) -> str:
     if not parts:
         return "-"
     out = []
-    for i, byte in enumerate(os.fsencode("/".join(parts))):
+    # os.fsencode on Linux, without importing os into a pure module.
+    for i, byte in enumerate("/".join(parts).encode("utf-8", "surrogateescape")):
         if byte == ord("/"):
             out.append("-")
         elif byte in _KEEP and not (i == 0 and byte == ord(".")):
