@@ -368,6 +368,32 @@ def test_bus_loss_degrades_then_reconnects_and_resubscribes(
     bus_daemon.wait_log("left alone, held: kubelet is active")
 
 
+def test_back_on_a_restarted_bus_within_10_s_even_between_rare_pings(
+    bus: Bus, tmp_path: Path
+) -> None:
+    # WatchdogSec=4min as shipped-like: pings (and the safety-net rescan) a minute apart. The
+    # bus retry must wake the loop by itself, not wait for a ping.
+    env = {"DBUS_SYSTEM_BUS_ADDRESS": bus.address, "WATCHDOG_USEC": "240000000"}
+    with DaemonRun(tmp_path, env=env) as run:
+        run.start()
+        run.wait_notify("READY=1")
+        assert bus.subscribes() == 1
+        bus.stop()
+        run.wait_log("judging kubelet by its process")
+        time.sleep(3)  # a few retries fail meanwhile: the backoff grows
+        bus.start()
+        back = time.monotonic()
+        bus.tell("unitfile kubelet.service enabled")
+        bus.tell("active kubelet.service active")
+        resubscribed = run.wait_until(
+            lambda: bus.subscribes() == 1, timeout=15, what="re-Subscribe"
+        )
+        assert resubscribed - back < 10, resubscribed - back
+        run.mount("cgroup2", CGROUP)
+        run.wait_log("left alone, held: kubelet is active")
+        assert run.stop() == 0
+
+
 def _garbage_lines_in_the_table() -> tuple[str, int]:
     import io
     import logging

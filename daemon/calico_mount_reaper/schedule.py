@@ -11,10 +11,11 @@ or by the error path (`after_error`), and each rule below is tested without a cl
 - **Rescan**: the safety net for a change no event told about. With a watchdog it never wakes
   the loop on its own: pings come at least every rescan interval, and it rides on them, so an
   idle daemon wakes for nothing but the pings.
-- **Bus retry**: from 1 s, doubling, capped at 10 s while the bus socket exists, so the daemon
-  is back on D-Bus within seconds of a `systemctl restart dbus` or a PID 1 re-exec. Without a
-  socket (a node with no D-Bus at all) there is nothing to wait for: the retry backs off to a
-  minute and, with a watchdog, rides on the pings instead of waking the loop.
+- **Bus retry**: from 1 s, doubling, capped at 10 s while the bus socket exists or once the
+  daemon has been on the bus (a restart of dbus may remove the socket for a moment), so it is
+  back on D-Bus within seconds of a `systemctl restart dbus` or a PID 1 re-exec. A node that has
+  shown no bus at all (none yet at boot, or none ever) backs off to a minute; only at that cap,
+  with a watchdog, does the retry ride on the pings instead of waking the loop itself.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ class Schedule:
     evaluate_at: float | None = None
     bus_retry_at: float | None = None  # None: on the bus (or not tried yet)
     bus_backoff: float = BUS_RETRY_FIRST
-    bus_socket: bool = True  # whether the bus socket existed at the last failure
+    bus_seen: bool = False  # was on the bus once: a missing socket is a restart, not a rule
+    bus_wakes: bool = True  # whether the pending retry wakes the loop (else: the next ping)
 
     @classmethod
     def start(cls, now: float, rescan_every: float, half_watchdog: float | None) -> Schedule:
@@ -120,7 +122,7 @@ class Schedule:
         waking = [Job.PING, Job.REREAD, Job.EVALUATE]
         if self.ping_at is None:
             waking.append(Job.RESCAN)
-        if self.bus_socket or self.ping_at is None:
+        if self.bus_wakes or self.ping_at is None:
             waking.append(Job.BUS_RETRY)
         deadlines = [d for d in map(self.deadline, waking) if d is not None]
         return max(0.0, min(deadlines) - now) if deadlines else None
@@ -154,22 +156,25 @@ class Schedule:
         return replace(self, rescan_at=now + self.rescan_every, reread=self.reread.changed(now))
 
     def bus_connected(self) -> Schedule:
-        return replace(self, bus_retry_at=None, bus_backoff=BUS_RETRY_FIRST, bus_socket=True)
+        return replace(
+            self, bus_retry_at=None, bus_backoff=BUS_RETRY_FIRST, bus_seen=True, bus_wakes=True
+        )
 
     def bus_failed(self, now: float, socket_present: bool) -> Schedule:
         """A connection attempt failed: try again after the backoff, and back off further."""
-        cap = BUS_RETRY_MAX_WITH_SOCKET if socket_present else BUS_RETRY_MAX_WITHOUT_SOCKET
+        expected = socket_present or self.bus_seen
+        cap = BUS_RETRY_MAX_WITH_SOCKET if expected else BUS_RETRY_MAX_WITHOUT_SOCKET
         wait = min(self.bus_backoff, cap)
         return replace(
             self,
             bus_retry_at=now + wait,
             bus_backoff=min(wait * 2, cap),
-            bus_socket=socket_present,
+            bus_wakes=expected or wait < cap,
         )
 
     def bus_lost(self, now: float) -> Schedule:
         """An established connection broke: the first retry comes after the shortest backoff."""
-        return replace(self, bus_backoff=BUS_RETRY_FIRST, bus_socket=True).bus_failed(now, True)
+        return replace(self, bus_backoff=BUS_RETRY_FIRST, bus_seen=True).bus_failed(now, False)
 
     def after_error(self, now: float) -> Schedule:
         """A step failed: push back what is due, or the loop would spin on the same error."""
