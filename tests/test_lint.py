@@ -59,8 +59,11 @@ def test_mypy_strict(version: str) -> None:
 
 def shell_scripts() -> list[Path]:
     """Every tracked file that starts with a shell shebang (they have no common suffix)."""
-    listed = run(["git", "ls-files", "-z"])
-    if listed.returncode != 0:  # not a git checkout (a release tarball): walk the tree
+    try:
+        listed = run(["git", "ls-files", "-z"])
+    except FileNotFoundError:  # no git on this machine
+        listed = subprocess.CompletedProcess([], returncode=127)
+    if listed.returncode != 0:  # not a git checkout (a copy, a release tarball): walk the tree
         paths = [p for p in REPO.rglob("*") if ".venv" not in p.parts and ".git" not in p.parts]
     else:
         paths = [REPO / name for name in listed.stdout.split("\0") if name]
