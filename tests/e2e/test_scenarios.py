@@ -281,7 +281,7 @@ def test_poweroff_with_the_owner_running_reaps_before_the_reaper_stops(boot: Boo
     c.wait_for(lambda: reaper_events(c, "VERDICT", RESULT="refused"), what="refusal")
     pid1_tracks(c, CALICO)
     # No pause here: systemd 252 re-reads the mount table at most 5 times a second, and the
-    # daemon's final reap waits until PID 1 has seen its unmounts (daemon._wait_for_pid1).
+    # daemon's final reap waits until PID 1 has seen its unmounts (daemon.wait_for_pid1).
     assert c.poweroff() == 0, c.console_log[-3000:]
 
     lines = c.journal("-o", "short-monotonic").splitlines()
