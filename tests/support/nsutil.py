@@ -23,8 +23,10 @@ import os
 import pickle
 import shlex
 import signal
+import struct
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -78,6 +80,45 @@ def _in_own_pid_namespace() -> int:
     if pid == 0:
         mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     return pid
+
+
+class HostSignals:
+    """Signals to host processes on behalf of code in a PID namespace, which cannot see them.
+
+    Start it in the test process, before `in_namespace` forks: a thread there does the kill for
+    the namespaced code, which talks to it through inherited pipes. For a test that must stall
+    a helper it started on the host (a fake systemd) at a chosen moment of a pass.
+    """
+
+    def __init__(self) -> None:
+        self._req_r, self._req_w = os.pipe()
+        self._ack_r, self._ack_w = os.pipe()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> HostSignals:
+        self._thread.start()
+        return self
+
+    def kill(self, pid: int, signum: int) -> None:
+        """os.kill(pid, signum) as the host sees ``pid``; returns once it is sent."""
+        os.write(self._req_w, struct.pack("ii", pid, signum))
+        if os.read(self._ack_r, 1) != b"k":
+            raise ProcessLookupError(f"no host process {pid}")
+
+    def _serve(self) -> None:
+        while len(request := os.read(self._req_r, 8)) == 8:
+            pid, signum = struct.unpack("ii", request)
+            try:
+                os.kill(pid, signum)
+                os.write(self._ack_w, b"k")
+            except ProcessLookupError:
+                os.write(self._ack_w, b"-")
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._req_w)  # the thread reads EOF and ends
+        self._thread.join(5)
+        for fd in (self._req_r, self._ack_r, self._ack_w):
+            os.close(fd)
 
 
 def in_namespace(fn: Callable[..., T], *args: Any, net: bool = False, timeout: float = 120) -> T:
