@@ -192,21 +192,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CMR_E2E_CACHE") or DEFAULT_CACHE_DIR)
 
 
-def rootfs_key() -> str:
+def rootfs_key(extra_packages: Sequence[str] = ()) -> str:
     """Names the tarball after what went into it, so a changed package list rebuilds."""
-    spec = f"{ROOTFS_RECIPE_VERSION} {SUITE} minbase {','.join(sorted(PACKAGES))}"
+    packages = sorted({*PACKAGES, *extra_packages})
+    spec = f"{ROOTFS_RECIPE_VERSION} {SUITE} minbase {','.join(packages)}"
     return hashlib.sha256(spec.encode()).hexdigest()[:12]
 
 
-def ensure_rootfs_tarball(cache: Path | None = None) -> Path:
+def ensure_rootfs_tarball(
+    cache: Path | None = None, extra_packages: Sequence[str] = (), variant: str = ""
+) -> Path:
     """Return the cached rootfs tarball, building it first if this machine has none.
 
     flock serialises concurrent pytest processes: the second one waits and then finds the
     tarball the first one renamed into place (the rename makes a half-written one invisible).
+
+    ``extra_packages`` go into a rootfs of their own, named by ``variant`` (e.g. "fleet" for
+    sshd nodes), so that suites with different needs never evict each other's cache.
     """
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    tarball = cache / f"rootfs-{SUITE}-{rootfs_key()}.tar.zst"
+    stem = f"rootfs-{SUITE}-{variant}-" if variant else f"rootfs-{SUITE}-"
+    tarball = cache / f"{stem}{rootfs_key(extra_packages)}.tar.zst"
     with open(cache / "rootfs.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if tarball.exists():
@@ -216,9 +223,10 @@ def ensure_rootfs_tarball(cache: Path | None = None) -> Path:
         mirror = host_mirror()
         _check_reachable(mirror, tarball)
         started = time.monotonic()
-        _build_tarball(mirror, tarball)
+        _build_tarball(mirror, tarball, extra_packages)
         record("rootfs cold build", time.monotonic() - started)
-        for stale in cache.glob(f"rootfs-{SUITE}-*.tar.zst"):
+        # An older build of the same variant only (its key is 12 hex digits).
+        for stale in cache.glob(f"{stem}{'?' * 12}.tar.zst"):
             if stale != tarball:
                 stale.unlink()
     return tarball
@@ -236,18 +244,24 @@ def _check_reachable(mirror: str, tarball: Path) -> None:
         ) from exc
 
 
-def _build_tarball(mirror: str, tarball: Path) -> None:
+def _build_tarball(mirror: str, tarball: Path, extra_packages: Sequence[str] = ()) -> None:
     build = Path(tempfile.mkdtemp(prefix="build.", dir=tarball.parent))
     partial = tarball.with_suffix(".partial")
     try:
         root = build / "rootfs"
         log = build / "debootstrap.log"
         with open(log, "w") as out:
+            # debootstrap mounts /proc and /sys inside the target: in a private mount namespace,
+            # so that those mounts never appear in (or leak into) the host's mount table.
             done = subprocess.run(
                 [
+                    "unshare",
+                    "-m",
+                    "--propagation",
+                    "private",
                     "debootstrap",
                     "--variant=minbase",
-                    f"--include={','.join(PACKAGES)}",
+                    f"--include={','.join(sorted({*PACKAGES, *extra_packages}))}",
                     SUITE,
                     str(root),
                     mirror,
@@ -287,21 +301,23 @@ def _build_tarball(mirror: str, tarball: Path) -> None:
             partial.unlink()
 
 
-def lower_dir(fallback: Path) -> Path:
+def lower_dir(fallback: Path, variant: str = "") -> Path:
     """Where this process restores its lower layer: in RAM when there is room, else ``fallback``.
 
     Unpacking 270 MB to this machine's disk costs ~3.5 s of kernel time against ~0.4 s on tmpfs.
     The directory is named after this process, so one left behind by a killed run is recognised
-    by its dead owner and removed here.
+    by its dead owner and removed here. A ``variant`` rootfs (see `ensure_rootfs_tarball`) gets
+    a directory of its own beside the plain one.
     """
     shm = Path("/dev/shm")
     if _fstype(str(shm)) != "tmpfs" or shutil.disk_usage(shm).free < 2 * 1024**3:
         return fallback
-    for stale in shm.glob("cmr-e2e-rootfs.*"):
+    base = f"cmr-e2e-rootfs-{variant}" if variant else "cmr-e2e-rootfs"
+    for stale in shm.glob(f"{base}.*"):
         owner = stale.suffix.lstrip(".")
         if owner.isdigit() and not Path(f"/proc/{owner}").exists():
             shutil.rmtree(stale, ignore_errors=True)
-    return shm / f"cmr-e2e-rootfs.{os.getpid()}"
+    return shm / f"{base}.{os.getpid()}"
 
 
 def restore_rootfs(tarball: Path, dest: Path) -> Path:
@@ -649,6 +665,7 @@ def boot(
     host_network: bool = False,
     nspawn_args: Sequence[str] = (),
     timeout: float = 60,
+    machine: str = "e2e",
 ) -> Container:
     """Boot systemd on a fresh overlay of ``lower`` and wait until startup has finished.
 
@@ -659,6 +676,8 @@ def boot(
     The container gets its own network namespace unless ``host_network``: links a scenario makes
     (veth, vxlan standing in for Calico's) must not appear on the host, and their uevents, which
     the kernel delivers per network namespace, must reach the guest rather than the host.
+    ``machine`` is the container's name (and so its hostname): give containers that run at the
+    same time distinct ones.
     """
     for part in ("upper", "work", "merged", "journal", "results"):
         (run_dir / part).mkdir(parents=True)
@@ -682,7 +701,7 @@ def boot(
     args = [
         "-b",
         "-M",
-        "e2e",
+        machine,
         "--register=no",
         "--keep-unit",
         "--console=pipe",
