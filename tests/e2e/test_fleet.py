@@ -58,9 +58,12 @@ CUSTOM = "/run/calico-custom"
 VENV = "/opt/calico-mount-reaper"
 # The daemon must not reap the orphaned mounts of step 3 by itself before the reset play does.
 GRACE = 3600
-REAP_TASK = "Reap every target mount, whatever still uses it (calico-mount-reaper reap --force)"
-CONFIG_TASK = "Write the config, validated on the node by calico-mount-reaper check-config"
+# Every node boots with the rootfs's host keys: nothing to trust or remember.
 SSH_OPTIONS = ("-o StrictHostKeyChecking=no", "-o UserKnownHostsFile=/dev/null")
+# The role's task names, as the results log records them.
+REAP_TASK = "Reap every target mount, whatever still uses it (calico-mount-reaper reap --force)"
+STILL_MOUNTED_TASK = "Fail the host if a target is still mounted, with the reaper's reasons"
+CONFIG_TASK = "Write the config, validated on the node by calico-mount-reaper check-config"
 REFUSED_TASK = "Fail with the reaper's own message; the old config and the running daemon stay"
 
 
@@ -72,11 +75,10 @@ class Node:
 
     @property
     def command(self) -> str:
-        return (
-            f"{VENV}/bin/calico-mount-reaper"
-            if self.name == WHEEL_NODE
-            else ("/usr/bin/calico-mount-reaper")
-        )
+        """Where the role put the command: the package's path, or the venv's."""
+        if self.name == WHEEL_NODE:
+            return f"{VENV}/bin/calico-mount-reaper"
+        return "/usr/bin/calico-mount-reaper"
 
     def run(self, cmd: list[str] | str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.container.run(cmd, check=check)
@@ -172,7 +174,7 @@ def fleet_rootfs(e2e_machine: None, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture
-def nodes_and_work(
+def booted_fleet(
     fleet_rootfs: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Fleet]:
     """Three booted nodes with sshd on their own loopback ports, and the controller's files."""
@@ -225,7 +227,6 @@ def nodes_and_work(
         group_vars = {
             "ansible_user": "root",
             "ansible_ssh_private_key_file": str(key),
-            # Every node boots with the rootfs's host keys: nothing to trust or remember.
             "ansible_ssh_common_args": " ".join(SSH_OPTIONS),
             "ansible_python_interpreter": "/usr/bin/python3",
             "calico_mount_reaper_package": str(deb),
@@ -257,9 +258,9 @@ def assert_recap(run: fleet.PlaybookRun, failed: bool = False, changed: bool | N
 
 
 def test_fleet_deploy_is_idempotent_reset_reaps_and_a_bad_config_changes_nothing(
-    nodes_and_work: Fleet,
+    booted_fleet: Fleet,
 ) -> None:
-    f = nodes_and_work
+    f = booted_fleet
     scenario_started = time.monotonic()
 
     # ---- 1. deploy: every unit active, every status clean.
@@ -350,9 +351,7 @@ def test_fleet_deploy_is_idempotent_reset_reaps_and_a_bad_config_changes_nothing
     assert all(stuck.stats[n.name]["failures"] == 0 for n in f.nodes if n is not busy)
     (failure,) = stuck.failures(busy.name)
     message = failure["result"]["msg"]
-    assert (
-        failure["task"] == "Fail the host if a target is still mounted, with the reaper's reasons"
-    )
+    assert failure["task"] == STILL_MOUNTED_TASK, failure
     assert f"{CUSTOM} (" in message and "held by sleep (pid " in message, message
     assert ", cwd)" in message, message
     assert not [
