@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shlex
 import shutil
 import socket
 import subprocess
@@ -55,6 +56,7 @@ CONFIG_PATH = "/etc/calico-mount-reaper/config.toml"
 METRICS_PATH = "/var/lib/prometheus/node-exporter/calico-mount-reaper.prom"
 CALICO = "/run/calico/cgroup"
 CUSTOM = "/run/calico-custom"
+CUSTOM_MOUNT_UNIT = "run-calico\\x2dcustom.mount"  # systemd-escape --path --suffix=mount
 VENV = "/opt/calico-mount-reaper"
 # The daemon must not reap the orphaned mounts of step 3 by itself before the reset play does.
 GRACE = 3600
@@ -278,6 +280,11 @@ def test_fleet_deploy_is_idempotent_reset_reaps_and_a_bad_config_changes_nothing
         assert f"target calico-custom: {CUSTOM} (cgroup2) owners calico-node" in checked, checked
         config = node.run(["cat", CONFIG_PATH]).stdout
         assert f"grace_period = {GRACE}\n" in config, config
+        # The final reap at shutdown is ordered before systemd's unmount of the custom path too
+        # (install-units' drop-in on the venv node, the role's own under /etc on the others).
+        # systemctl quotes a name with a backslash in it, C-style.
+        after = shlex.split(node.run(["systemctl", "show", "-P", "After", UNIT]).stdout)
+        assert CUSTOM_MOUNT_UNIT in after, (node.name, after)
         # The restarted daemon runs with the new config: it wrote the metrics textfile.
         node.container.wait_for(
             lambda n=node: n.run(["test", "-f", METRICS_PATH], check=False).returncode == 0,
