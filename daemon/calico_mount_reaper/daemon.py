@@ -26,6 +26,7 @@ from typing import Any
 from calico_mount_reaper import config as config_mod
 from calico_mount_reaper import grace, journal, liveness, metrics
 from calico_mount_reaper.config import Config, ConfigError
+from calico_mount_reaper.exitcode import ExitCode
 from calico_mount_reaper.mountinfo import ParseResult
 from calico_mount_reaper.notify import Notifier, watchdog_interval
 from calico_mount_reaper.plan import Assessment, Mode, plan
@@ -637,5 +638,5 @@ def run(config_path: str | None, verbose: bool = False) -> int:
             reason=str(exc),
             result="exit-78",
         )
-        return 78
+        return ExitCode.CONFIG
     return Daemon(config, config_path, log, Notifier()).run()
