@@ -242,3 +242,36 @@ def test_an_empty_config_variable_is_a_config_error() -> None:
 def test_namespace_note_covers_cannot_tell(in_host: bool | None, needle: str | None) -> None:
     note = cli_mod.namespace_note(in_host)
     assert (note is None) if needle is None else (note is not None and needle in note)
+
+
+def _reap_under_a_unit() -> dict[str, object]:
+    """reap as kubelet's ExecStopPost runs it: stdout and stderr are the unit's journal stream."""
+    from tests.test_journal import _bind_journal, _drain, first_values, parse_native
+
+    node.build(targets=(("cgroup2", "/run/calico/cgroup"),), decoys=())
+    sock = _bind_journal()
+    read_fd, write_fd = os.pipe()
+    st = os.fstat(write_fd)
+    env = {k: v for k, v in os.environ.items() if k != "CALICO_MOUNT_REAPER_CONFIG"}
+    env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    # --force: the verdict must not depend on fake owners other tests run on this machine.
+    done = subprocess.run([*CLI, "reap", "--force"], stdout=write_fd, stderr=write_fd, env=env)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as r:
+        printed = r.read()
+    entries = [first_values(parse_native(d)) for d in _drain(sock)]
+    return {
+        "code": done.returncode,
+        "printed": printed,
+        "identifiers": {e["SYSLOG_IDENTIFIER"] for e in entries},
+        "messages": [e["MESSAGE"].decode() for e in entries],
+    }
+
+
+def test_reap_under_a_unit_writes_entries_as_itself_and_prints_nothing() -> None:
+    # Printed lines would reach kubelet's journal named after `timeout`, the drop-in's wrapper.
+    got = in_namespace(_reap_under_a_unit)
+    assert got["code"] == 0
+    assert got["printed"] == ""
+    assert got["identifiers"] == {b"calico-mount-reaper"}
+    assert any(m.startswith("reaped /run/calico/cgroup") for m in got["messages"]), got  # type: ignore[attr-defined]

@@ -348,11 +348,18 @@ def cmd_reap(args: argparse.Namespace, config: Config | None) -> int:
         dry_run=args.dry_run,
         on_outcome=None if log is None else partial(journal_outcome, log),
     )
-    if log is not None:
-        _journal_decisions(log, report)
     # Refusals (in use, held) are decisions, not failures: only an allowed reap that left
     # something mounted is exit 1.
     code = ExitCode.REMAIN if report.unreaped and not args.dry_run else ExitCode.OK
+    if log is not None:
+        _journal_decisions(log, report)
+        if not args.json:
+            # Under a unit (kubelet's ExecStopPost) the entries are the output. Printed lines
+            # would land in kubelet's journal under the name of the program systemd ran
+            # (`timeout`), not under calico-mount-reaper.
+            for w in report.warnings:
+                log.warning("%s", w)
+            return code
     _emit(report, "reap", code, args.json)
     return code
 

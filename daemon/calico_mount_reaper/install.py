@@ -1,5 +1,7 @@
 """`calico-mount-reaper install-units`: the systemd files of a pip install, put where systemd looks.
 
+The man page goes along (to /usr/local/share/man), since the unit's Documentation= names it.
+
 A distro package ships the files in systemd/ as they are (the command at /usr/bin). A pip install
 has the same files as package data (``data/`` is a symlink to the repository's systemd/, so there
 is one copy to edit) but its command lives elsewhere, usually /usr/local/bin. This module writes
@@ -29,6 +31,8 @@ from calico_mount_reaper.config import DEFAULT_PATH, Config, load, load_file, re
 from calico_mount_reaper.targets import BUILTIN_RULES
 
 DATA = Path(__file__).resolve().parent / "data"
+# The man page generated from the CLI's parser (packaging/manpage); the unit's Documentation=.
+MAN_PAGE = Path(__file__).resolve().parent / "man" / "calico-mount-reaper.8"
 UNIT = "calico-mount-reaper.service"
 KUBELET_DROPIN = "kubelet.service.d/50-calico-mount-reaper.conf"
 PRESET = "90-calico-mount-reaper.preset"
@@ -42,11 +46,14 @@ PREFIX = "usr/local/lib/systemd"
 UNIT_DIR = f"{PREFIX}/system"
 PRESET_DIR = f"{PREFIX}/system-preset"
 CATALOG_DIR = f"{PREFIX}/catalog"
+# man(1) searches /usr/local/share/man: Documentation=man:calico-mount-reaper(8) works for pip too.
+MAN_PATH = "usr/local/share/man/man8/calico-mount-reaper.8"
 # What install-units wrote and created, for uninstall-units. Outside systemd's directories, which
 # hold only what systemd reads.
 MANIFEST = "usr/local/lib/calico-mount-reaper/installed-units.json"
-# Where `systemctl enable` puts the unit's links: uninstalling under them would leave them dangling.
-ENABLE_LINKS = f"etc/systemd/system/*.wants/{UNIT}"
+# Where `systemctl enable` puts the unit's links (one per WantedBy= target): uninstalling under
+# them would leave them dangling.
+ENABLE_LINKS = "etc/systemd/system/*.wants"
 
 # systemd-escape keeps these bytes as they are (unit-name.c, VALID_CHARS minus "-" and "\\").
 _KEEP = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:_.")
@@ -141,6 +148,7 @@ def planned(
         f"{UNIT_DIR}/{CUSTOM_DROPIN}": custom_targets_dropin(config),
         f"{PRESET_DIR}/{PRESET}": (data / PRESET).read_text(),
         f"{CATALOG_DIR}/{CATALOG}": (data / CATALOG).read_text(),
+        MAN_PATH: MAN_PAGE.read_text(),
     }
 
 
@@ -182,13 +190,14 @@ def _make_parents(root: Path, path: Path) -> list[str]:
     """Create the missing directories above ``path``; return them (relative), outermost first."""
     missing = []
     parent = path.parent
-    while not parent.exists() and parent != root:
+    while not parent.exists():
         missing.append(parent)
         parent = parent.parent
     for d in reversed(missing):
         d.mkdir(mode=0o755)
         d.chmod(0o755)  # whatever the umask: systemd and journalctl read these as any user
-    return [str(d.relative_to(root)) for d in reversed(missing)]
+    # The root itself (an image directory made for the occasion) is the caller's to remove.
+    return [str(d.relative_to(root)) for d in reversed(missing) if d != root]
 
 
 def _write_atomically(path: Path, content: str) -> None:
@@ -250,7 +259,8 @@ class StillEnabled(Exception):
 
 def uninstall(root: Path, run: Runner | None = None) -> Result:
     """Remove what install-units recorded, and nothing else; keep what others changed."""
-    links = sorted(root.glob(ENABLE_LINKS))
+    # The links point at our unit, which may be gone already: lexists, not glob's exists.
+    links = sorted(p / UNIT for p in root.glob(ENABLE_LINKS) if os.path.lexists(p / UNIT))
     if links:
         raise StillEnabled(", ".join(f"/{p.relative_to(root)}" for p in links))
     result, manifest = Result(), Manifest.read(root)

@@ -192,40 +192,47 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CMR_E2E_CACHE") or DEFAULT_CACHE_DIR)
 
 
-def rootfs_key() -> str:
+def rootfs_key(suite: str = SUITE, packages: Sequence[str] = PACKAGES) -> str:
     """Names the tarball after what went into it, so a changed package list rebuilds."""
-    spec = f"{ROOTFS_RECIPE_VERSION} {SUITE} minbase {','.join(sorted(PACKAGES))}"
+    spec = f"{ROOTFS_RECIPE_VERSION} {suite} minbase {','.join(sorted(packages))}"
     return hashlib.sha256(spec.encode()).hexdigest()[:12]
 
 
-def ensure_rootfs_tarball(cache: Path | None = None) -> Path:
+def ensure_rootfs_tarball(
+    cache: Path | None = None, suite: str = SUITE, packages: Sequence[str] = PACKAGES
+) -> Path:
     """Return the cached rootfs tarball, building it first if this machine has none.
 
     flock serialises concurrent pytest processes: the second one waits and then finds the
     tarball the first one renamed into place (the rename makes a half-written one invisible).
+    ``suite`` is the Debian release (bookworm by default; trixie for Debian 13 with systemd 257),
+    ``packages`` what debootstrap installs; each combination is a tarball of its own.
     """
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    tarball = cache / f"rootfs-{SUITE}-{rootfs_key()}.tar.zst"
+    key = rootfs_key(suite, packages)
+    tarball = cache / f"rootfs-{suite}-{key}.tar.zst"
     with open(cache / "rootfs.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if tarball.exists():
             return tarball
         if shutil.which("debootstrap") is None:
             raise Unavailable(f"no cached rootfs at {tarball} and debootstrap is not installed")
-        mirror = host_mirror()
-        _check_reachable(mirror, tarball)
+        mirror = host_mirror()  # the host's Debian mirror carries every suite
+        _check_reachable(mirror, tarball, suite)
         started = time.monotonic()
-        _build_tarball(mirror, tarball)
-        record("rootfs cold build", time.monotonic() - started)
-        for stale in cache.glob(f"rootfs-{SUITE}-*.tar.zst"):
-            if stale != tarball:
-                stale.unlink()
+        _build_tarball(mirror, tarball, suite, packages)
+        record(f"rootfs cold build ({suite})", time.monotonic() - started)
+        # An older build of this suite with the default packages; other package sets stay.
+        if packages is PACKAGES:
+            for stale in cache.glob(f"rootfs-{suite}-{'?' * 12}.tar.zst"):
+                if stale != tarball:
+                    stale.unlink()
     return tarball
 
 
-def _check_reachable(mirror: str, tarball: Path) -> None:
-    url = f"{mirror}/dists/{SUITE}/Release"
+def _check_reachable(mirror: str, tarball: Path, suite: str = SUITE) -> None:
+    url = f"{mirror}/dists/{suite}/Release"
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=15):
             pass
@@ -236,19 +243,27 @@ def _check_reachable(mirror: str, tarball: Path) -> None:
         ) from exc
 
 
-def _build_tarball(mirror: str, tarball: Path) -> None:
+def _build_tarball(
+    mirror: str, tarball: Path, suite: str = SUITE, packages: Sequence[str] = PACKAGES
+) -> None:
     build = Path(tempfile.mkdtemp(prefix="build.", dir=tarball.parent))
     partial = tarball.with_suffix(".partial")
     try:
         root = build / "rootfs"
         log = build / "debootstrap.log"
         with open(log, "w") as out:
+            # debootstrap mounts /proc and /sys inside the target: in a private mount namespace,
+            # so that those mounts never appear in (or leak into) the host's mount table.
             done = subprocess.run(
                 [
+                    "unshare",
+                    "-m",
+                    "--propagation",
+                    "private",
                     "debootstrap",
                     "--variant=minbase",
-                    f"--include={','.join(PACKAGES)}",
-                    SUITE,
+                    f"--include={','.join(packages)}",
+                    suite,
                     str(root),
                     mirror,
                 ],
@@ -287,7 +302,7 @@ def _build_tarball(mirror: str, tarball: Path) -> None:
             partial.unlink()
 
 
-def lower_dir(fallback: Path) -> Path:
+def lower_dir(fallback: Path, suite: str = SUITE) -> Path:
     """Where this process restores its lower layer: in RAM when there is room, else ``fallback``.
 
     Unpacking 270 MB to this machine's disk costs ~3.5 s of kernel time against ~0.4 s on tmpfs.
@@ -297,11 +312,12 @@ def lower_dir(fallback: Path) -> Path:
     shm = Path("/dev/shm")
     if _fstype(str(shm)) != "tmpfs" or shutil.disk_usage(shm).free < 2 * 1024**3:
         return fallback
-    for stale in shm.glob("cmr-e2e-rootfs.*"):
+    base = "cmr-e2e-rootfs" if suite == SUITE else f"cmr-e2e-rootfs-{suite}"
+    for stale in shm.glob(f"{base}.*"):
         owner = stale.suffix.lstrip(".")
         if owner.isdigit() and not Path(f"/proc/{owner}").exists():
             shutil.rmtree(stale, ignore_errors=True)
-    return shm / f"cmr-e2e-rootfs.{os.getpid()}"
+    return shm / f"{base}.{os.getpid()}"
 
 
 def restore_rootfs(tarball: Path, dest: Path) -> Path:
