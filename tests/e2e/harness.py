@@ -254,19 +254,21 @@ def _build_tarball(
         with open(log, "w") as out:
             # debootstrap mounts /proc and /sys inside the target: in a private mount namespace,
             # so that those mounts never appear in (or leak into) the host's mount table.
+            # debootstrap's own dependency handling copes with the default set only (lintian's
+            # perl stack fails in its configure pass): anything more is apt's job, in a chroot.
+            extra = [p for p in packages if p not in PACKAGES]
+            base = [p for p in packages if p in PACKAGES]
+            script = 'debootstrap --variant=minbase --include="$1" "$2" "$3" "$4"'
+            if extra:
+                script += (
+                    ' && mount -t proc proc "$3/proc" && cp /etc/resolv.conf "$3/etc/resolv.conf"'
+                    ' && chroot "$3" apt-get update -q'
+                    ' && DEBIAN_FRONTEND=noninteractive chroot "$3" apt-get install -y -q'
+                    ' --no-install-recommends $5 && chroot "$3" apt-get clean'
+                )
+            args = [",".join(base), suite, str(root), mirror, " ".join(extra)]
             done = subprocess.run(
-                [
-                    "unshare",
-                    "-m",
-                    "--propagation",
-                    "private",
-                    "debootstrap",
-                    "--variant=minbase",
-                    f"--include={','.join(packages)}",
-                    suite,
-                    str(root),
-                    mirror,
-                ],
+                ["unshare", "-m", "--propagation", "private", "sh", "-ec", script, "sh", *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
