@@ -275,3 +275,20 @@ def test_reap_under_a_unit_writes_entries_as_itself_and_prints_nothing() -> None
     assert got["printed"] == ""
     assert got["identifiers"] == {b"calico-mount-reaper"}
     assert any(m.startswith("reaped /run/calico/cgroup") for m in got["messages"]), got  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [
+        (["status"], "status"),
+        (["--json", "reap", "--dry-run"], "reap"),
+        (["--config", "status", "reap"], "reap"),  # a config file named like a command
+        (["--config=x.toml", "check-config"], "check-config"),
+        (["--help"], None),
+        (["bogus", "status"], None),
+    ],
+)
+def test_the_command_is_found_before_parsing_as_the_parser_will(
+    argv: list[str], name: str | None
+) -> None:
+    assert cli_mod.command_named_in(argv) == name
