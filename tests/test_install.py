@@ -1,4 +1,4 @@
-"""install-units: path escaping, rendering, idempotence, custom-target drop-in, catalog step.
+"""install-units: rendering, idempotence, custom-target drop-in, catalog step.
 
 Files are written under a temporary --root (never the host's /usr); systemd's own tools check the
 results where they are installed (systemd-escape, systemd-analyze verify).
@@ -16,21 +16,9 @@ from pathlib import Path
 import pytest
 from calico_mount_reaper import cli, install
 from calico_mount_reaper.config import Config, from_mapping
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT_TEXT = (REPO / "systemd" / install.UNIT).read_text()
-ROOT_EXAMPLES = {
-    "/run/calico/cgroup": "run-calico-cgroup",
-    "/var/run/calico-custom": "var-run-calico\\x2dcustom",
-    "/run//cilium/cgroupv2/": "run-cilium-cgroupv2",
-    "/": "-",
-    "/run/.hidden": "run-.hidden",
-    "/.x": "\\x2ex",
-    "/a b/ü": "a\\x20b-\\xc3\\xbc",
-    "/a\\b:c_d.e": "a\\x5cb:c_d.e",
-}
 
 
 def custom_config(*prefixes: str) -> Config:
@@ -39,35 +27,6 @@ def custom_config(*prefixes: str) -> Config:
         for i, p in enumerate(prefixes)
     ]
     return from_mapping({"target": targets}, "/etc/calico-mount-reaper/config.toml")
-
-
-# --------------------------------------------------------------------------- escaping
-
-
-@pytest.mark.parametrize(("path", "escaped"), sorted(ROOT_EXAMPLES.items()))
-def test_escape_path_examples(path: str, escaped: str) -> None:
-    assert install.escape_path(path) == escaped
-
-
-@pytest.mark.skipif(shutil.which("systemd-escape") is None, reason="systemd-escape not installed")
-@settings(max_examples=150, deadline=None)
-@given(
-    st.lists(
-        st.text(
-            st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"),
-            min_size=1,
-            max_size=8,
-        ).filter(lambda s: s not in (".", "..")),
-        min_size=1,
-        max_size=4,
-    )
-)
-def test_escape_path_agrees_with_systemd_escape(parts: list[str]) -> None:
-    path = "/" + "/".join(parts)
-    real = subprocess.run(
-        ["systemd-escape", "--path", "--", path], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    assert install.escape_path(path) == real
 
 
 def test_mount_unit_names_the_builtin_targets_as_the_unit_orders_them() -> None:

@@ -6,7 +6,7 @@ import os
 import subprocess
 
 from calico_mount_reaper.config import Config
-from calico_mount_reaper.liveness import KubeletState, Liveness
+from calico_mount_reaper.model import KubeletSource, KubeletState, Liveness
 from calico_mount_reaper.plan import Mode, Verdict
 from calico_mount_reaper.reaper import run_pass
 from calico_mount_reaper.unmount import Result
@@ -79,7 +79,9 @@ def test_force_reaps_even_with_the_owner_alive() -> None:
 
 def _verdicts(kubelet: bool, mode: Mode) -> tuple[Verdict, bool, int]:
     node.build(targets=(("cgroup2", "/run/calico/cgroup"),), decoys=())
-    liveness = Liveness(kubelet=KubeletState(active=kubelet, source="process", detail="test"))
+    liveness = Liveness(
+        kubelet=KubeletState(active=kubelet, source=KubeletSource.PROCESS, detail="test")
+    )
     report = run_pass(Config(), mode, liveness=liveness)
     a = report.assessments[0]
     return a.verdict, a.reap, len(report.remaining)

@@ -92,7 +92,7 @@ def _number(minimum: float) -> Callable[[str, str, Any], float]:
 def _integer(source: str, key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(source, key, f"expected a whole number >= 0, got {value!r}")
-    return value
+    return int(value)  # an int already: int() tells mypy so (value is Any)
 
 
 def _boolean(source: str, key: str, value: Any) -> bool:

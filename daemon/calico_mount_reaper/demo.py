@@ -17,7 +17,7 @@ from collections.abc import Callable
 from calico_mount_reaper import mountinfo
 from calico_mount_reaper.config import Config
 from calico_mount_reaper.exitcode import ExitCode
-from calico_mount_reaper.liveness import Liveness
+from calico_mount_reaper.model import Liveness
 from calico_mount_reaper.plan import Mode
 from calico_mount_reaper.reaper import run_pass
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from calico_mount_reaper.config import DEFAULT_PATH, Config, load, load_file, resolve_path
 from calico_mount_reaper.targets import BUILTIN_RULES
+from calico_mount_reaper.unitname import mount_unit
 
 DATA = Path(__file__).resolve().parent / "data"
 # The man page generated from the CLI's parser (packaging/manpage); the unit's Documentation=.
@@ -54,33 +55,6 @@ MANIFEST = "usr/local/lib/calico-mount-reaper/installed-units.json"
 # Where `systemctl enable` puts the unit's links (one per WantedBy= target): uninstalling under
 # them would leave them dangling.
 ENABLE_LINKS = "etc/systemd/system/*.wants"
-
-# systemd-escape keeps these bytes as they are (unit-name.c, VALID_CHARS minus "-" and "\\").
-_KEEP = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:_.")
-
-
-def escape_path(path: str) -> str:
-    """``systemd-escape --path PATH``: the name systemd gives the unit for a path.
-
-    The path is simplified (duplicate and trailing slashes go), "/" becomes "-", and every byte
-    outside [A-Za-z0-9:_.] becomes ``\\xNN``, as does a leading ".". The root is "-".
-    """
-    parts = [p for p in path.split("/") if p and p != "."]
-    if not parts:
-        return "-"
-    out = []
-    for i, byte in enumerate(os.fsencode("/".join(parts))):
-        if byte == ord("/"):
-            out.append("-")
-        elif byte in _KEEP and not (i == 0 and byte == ord(".")):
-            out.append(chr(byte))
-        else:
-            out.append(f"\\x{byte:02x}")
-    return "".join(out)
-
-
-def mount_unit(path: str) -> str:
-    return escape_path(path) + ".mount"
 
 
 # Bytes that need no quoting in a unit file's command line; anything else goes in double quotes.

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from calico_mount_reaper import mountinfo
 from calico_mount_reaper.config import Config
-from calico_mount_reaper.liveness import Liveness, observe
+from calico_mount_reaper.liveness import observe
+from calico_mount_reaper.model import Liveness
 from calico_mount_reaper.plan import Action, Assessment, Mode, Site, find_sites, plan
 from calico_mount_reaper.resolve import Expected
 from calico_mount_reaper.targets import search_needles
