@@ -192,48 +192,52 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CMR_E2E_CACHE") or DEFAULT_CACHE_DIR)
 
 
-def rootfs_key(extra_packages: Sequence[str] = ()) -> str:
+def rootfs_key(suite: str = SUITE, packages: Sequence[str] = PACKAGES) -> str:
     """Names the tarball after what went into it, so a changed package list rebuilds."""
-    packages = sorted({*PACKAGES, *extra_packages})
-    spec = f"{ROOTFS_RECIPE_VERSION} {SUITE} minbase {','.join(packages)}"
+    spec = f"{ROOTFS_RECIPE_VERSION} {suite} minbase {','.join(sorted(set(packages)))}"
     return hashlib.sha256(spec.encode()).hexdigest()[:12]
 
 
 def ensure_rootfs_tarball(
-    cache: Path | None = None, extra_packages: Sequence[str] = (), variant: str = ""
+    cache: Path | None = None,
+    suite: str = SUITE,
+    packages: Sequence[str] = PACKAGES,
+    variant: str = "",
 ) -> Path:
     """Return the cached rootfs tarball, building it first if this machine has none.
 
     flock serialises concurrent pytest processes: the second one waits and then finds the
     tarball the first one renamed into place (the rename makes a half-written one invisible).
-
-    ``extra_packages`` go into a rootfs of their own, named by ``variant`` (e.g. "fleet" for
-    sshd nodes), so that suites with different needs never evict each other's cache.
+    ``suite`` is the Debian release (bookworm by default; trixie for Debian 13 with systemd 257),
+    ``packages`` what goes into it; each combination is a tarball of its own. ``variant`` names a
+    package set (e.g. "fleet" for sshd nodes) whose older builds may be replaced by a newer one,
+    so that suites with different needs never evict each other's cache.
     """
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    stem = f"rootfs-{SUITE}-{variant}-" if variant else f"rootfs-{SUITE}-"
-    tarball = cache / f"{stem}{rootfs_key(extra_packages)}.tar.zst"
+    stem = f"rootfs-{suite}-{variant}-" if variant else f"rootfs-{suite}-"
+    tarball = cache / f"{stem}{rootfs_key(suite, packages)}.tar.zst"
     with open(cache / "rootfs.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if tarball.exists():
             return tarball
         if shutil.which("debootstrap") is None:
             raise Unavailable(f"no cached rootfs at {tarball} and debootstrap is not installed")
-        mirror = host_mirror()
-        _check_reachable(mirror, tarball)
+        mirror = host_mirror()  # the host's Debian mirror carries every suite
+        _check_reachable(mirror, tarball, suite)
         started = time.monotonic()
-        _build_tarball(mirror, tarball, extra_packages)
-        record("rootfs cold build", time.monotonic() - started)
-        # An older build of the same variant only (its key is 12 hex digits).
-        for stale in cache.glob(f"{stem}{'?' * 12}.tar.zst"):
-            if stale != tarball:
-                stale.unlink()
+        _build_tarball(mirror, tarball, suite, packages)
+        record(f"rootfs cold build ({suite} {variant or 'default'})", time.monotonic() - started)
+        # An older build of the same suite and variant (or default set); other package sets stay.
+        if variant or packages is PACKAGES:
+            for stale in cache.glob(f"{stem}{'?' * 12}.tar.zst"):
+                if stale != tarball:
+                    stale.unlink()
     return tarball
 
 
-def _check_reachable(mirror: str, tarball: Path) -> None:
-    url = f"{mirror}/dists/{SUITE}/Release"
+def _check_reachable(mirror: str, tarball: Path, suite: str = SUITE) -> None:
+    url = f"{mirror}/dists/{suite}/Release"
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=15):
             pass
@@ -244,7 +248,9 @@ def _check_reachable(mirror: str, tarball: Path) -> None:
         ) from exc
 
 
-def _build_tarball(mirror: str, tarball: Path, extra_packages: Sequence[str] = ()) -> None:
+def _build_tarball(
+    mirror: str, tarball: Path, suite: str = SUITE, packages: Sequence[str] = PACKAGES
+) -> None:
     build = Path(tempfile.mkdtemp(prefix="build.", dir=tarball.parent))
     partial = tarball.with_suffix(".partial")
     try:
@@ -253,19 +259,21 @@ def _build_tarball(mirror: str, tarball: Path, extra_packages: Sequence[str] = (
         with open(log, "w") as out:
             # debootstrap mounts /proc and /sys inside the target: in a private mount namespace,
             # so that those mounts never appear in (or leak into) the host's mount table.
+            # debootstrap's own dependency handling copes with the default set only (lintian's
+            # perl stack fails in its configure pass): anything more is apt's job, in a chroot.
+            extra = [p for p in packages if p not in PACKAGES]
+            base = [p for p in packages if p in PACKAGES]
+            script = 'debootstrap --variant=minbase --include="$1" "$2" "$3" "$4"'
+            if extra:
+                script += (
+                    ' && mount -t proc proc "$3/proc" && cp /etc/resolv.conf "$3/etc/resolv.conf"'
+                    ' && chroot "$3" apt-get update -q'
+                    ' && DEBIAN_FRONTEND=noninteractive chroot "$3" apt-get install -y -q'
+                    ' --no-install-recommends $5 && chroot "$3" apt-get clean'
+                )
+            args = [",".join(base), suite, str(root), mirror, " ".join(extra)]
             done = subprocess.run(
-                [
-                    "unshare",
-                    "-m",
-                    "--propagation",
-                    "private",
-                    "debootstrap",
-                    "--variant=minbase",
-                    f"--include={','.join(sorted({*PACKAGES, *extra_packages}))}",
-                    SUITE,
-                    str(root),
-                    mirror,
-                ],
+                ["unshare", "-m", "--propagation", "private", "sh", "-ec", script, "sh", *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -301,18 +309,21 @@ def _build_tarball(mirror: str, tarball: Path, extra_packages: Sequence[str] = (
             partial.unlink()
 
 
-def lower_dir(fallback: Path, variant: str = "") -> Path:
+def lower_dir(fallback: Path, suite: str = SUITE, variant: str = "") -> Path:
     """Where this process restores its lower layer: in RAM when there is room, else ``fallback``.
 
     Unpacking 270 MB to this machine's disk costs ~3.5 s of kernel time against ~0.4 s on tmpfs.
     The directory is named after this process, so one left behind by a killed run is recognised
-    by its dead owner and removed here. A ``variant`` rootfs (see `ensure_rootfs_tarball`) gets
-    a directory of its own beside the plain one.
+    by its dead owner and removed here.
     """
     shm = Path("/dev/shm")
     if _fstype(str(shm)) != "tmpfs" or shutil.disk_usage(shm).free < 2 * 1024**3:
         return fallback
-    base = f"cmr-e2e-rootfs-{variant}" if variant else "cmr-e2e-rootfs"
+    base = (
+        "cmr-e2e-rootfs"
+        + ("" if suite == SUITE else f"-{suite}")
+        + (f"-{variant}" if variant else "")
+    )
     for stale in shm.glob(f"{base}.*"):
         owner = stale.suffix.lstrip(".")
         if owner.isdigit() and not Path(f"/proc/{owner}").exists():
@@ -665,7 +676,6 @@ def boot(
     host_network: bool = False,
     nspawn_args: Sequence[str] = (),
     timeout: float = 60,
-    machine: str = "e2e",
 ) -> Container:
     """Boot systemd on a fresh overlay of ``lower`` and wait until startup has finished.
 
@@ -676,8 +686,6 @@ def boot(
     The container gets its own network namespace unless ``host_network``: links a scenario makes
     (veth, vxlan standing in for Calico's) must not appear on the host, and their uevents, which
     the kernel delivers per network namespace, must reach the guest rather than the host.
-    ``machine`` is the container's name (and so its hostname): give containers that run at the
-    same time distinct ones.
     """
     for part in ("upper", "work", "merged", "journal", "results"):
         (run_dir / part).mkdir(parents=True)
@@ -701,7 +709,7 @@ def boot(
     args = [
         "-b",
         "-M",
-        machine,
+        "e2e",
         "--register=no",
         "--keep-unit",
         "--console=pipe",

@@ -165,7 +165,9 @@ def fleet_rootfs(e2e_machine: None, tmp_path_factory: pytest.TempPathFactory) ->
     if missing:
         unavailable(f"not found: {' '.join(missing)} (tests/run installs them)")
     try:
-        tarball = harness.ensure_rootfs_tarball(extra_packages=FLEET_PACKAGES, variant="fleet")
+        tarball = harness.ensure_rootfs_tarball(
+            packages=(*harness.PACKAGES, *FLEET_PACKAGES), variant="fleet"
+        )
     except harness.Unavailable as exc:
         unavailable(str(exc))
     lower = harness.lower_dir(tmp_path_factory.mktemp("fleet-rootfs"), variant="fleet")
