@@ -23,6 +23,7 @@ from typing import Any
 from calico_mount_reaper import config as config_mod
 from calico_mount_reaper import journal
 from calico_mount_reaper.config import Config, ConfigError
+from calico_mount_reaper.exitcode import ExitCode
 from calico_mount_reaper.judge import Judge
 from calico_mount_reaper.liveness import system_bus_present
 from calico_mount_reaper.model import KubeletState, ReapOnStop
@@ -52,10 +53,6 @@ ERROR_REPEAT = 60.0
 PID1_CATCH_UP = 2.0
 # Test-only fault switches (README, "Fault switches"): never set on a real node.
 FAULTS_ENV = "CALICO_MOUNT_REAPER_FAULTS"
-# `run` exits with this on a bad config (sysexits.h EX_CONFIG; the unit's
-# RestartPreventExitStatus=78 keys on it). TODO(operator): cli.ExitCode.CONFIG once it exists;
-# a literal here keeps the daemon from importing the CLI.
-EXIT_CONFIG = 78
 
 
 @dataclass(frozen=True)
@@ -462,7 +459,7 @@ def run(config_path: str | None, verbose: bool = False) -> int:
             f"cannot start: {exc}",
             level=logging.ERROR,
             reason=str(exc),
-            result=f"exit-{EXIT_CONFIG}",
+            result=f"exit-{int(ExitCode.CONFIG)}",
         )
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     return Daemon(config, config_path, log, Notifier()).run()
