@@ -43,13 +43,10 @@ CAP_SYS_ADMIN = 21
 
 
 def display_path(path: str) -> str:
-    """A path safe to print on one line: control bytes, spaces and backslashes as octal."""
-    return "".join(
-        f"\\{ord(c):03o}"
-        if (c.isspace() or c == "\\" or not c.isprintable()) and ord(c) < 256
-        else c
-        for c in path
-    )
+    """A path safe to print as one token (see printable.py: controls, C1, raw bytes, ...)."""
+    from calico_mount_reaper.printable import display_path as escaped
+
+    return escaped(path)
 
 
 def has_cap_sys_admin(status_path: str = "/proc/self/status") -> bool:

@@ -189,14 +189,72 @@ def from_mapping(data: Mapping[str, Any], source: str) -> Config:
     return replace(Config(), rules=rules, source=source, **values)
 
 
+def _trusted_owner(uid: int) -> bool:
+    return uid in (0, os.geteuid())
+
+
+def _others_may_write(st: os.stat_result) -> str | None:
+    """Who besides the owner may write, or None: the group unless it is root's, and others."""
+    if st.st_mode & stat.S_IWOTH:
+        return "world-writable"
+    if st.st_mode & stat.S_IWGRP and st.st_gid != 0:
+        return f"writable by group {st.st_gid}"
+    return None
+
+
 def check_trust(path: str, st: os.stat_result) -> None:
-    """Refuse a config that someone other than root (or us) could have written."""
+    """Refuse a config file that someone other than root (or us) could have written.
+
+    Like sshd's StrictModes: owned by root (or the user running us), and writable by nobody
+    else, including a group other than root's (``root:nogroup 0664`` is refused).
+    """
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(path, None, "not a regular file")
-    if st.st_mode & stat.S_IWOTH:
-        raise ConfigError(path, None, f"is world-writable; fix with: chmod o-w {path}")
-    if st.st_uid not in (0, os.geteuid()):
+    if not _trusted_owner(st.st_uid):
         raise ConfigError(path, None, f"is owned by uid {st.st_uid}; fix with: chown root {path}")
+    writers = _others_may_write(st)
+    if writers is not None:
+        fix = "o-w" if writers == "world-writable" else "g-w"
+        raise ConfigError(
+            path, None, f"is {writers}, not only root's; fix with: chmod {fix} {path}"
+        )
+
+
+def check_directories(path: str, real_path: str, owner: int) -> None:
+    """Refuse a config whose directories someone other than root (or us) could change.
+
+    Whoever may write a directory on the path may replace everything below it, so every
+    directory from the file's up to ``/`` must be owned by root (or us) and writable by no one
+    else. One exception, as for ``/tmp``: a directory with the sticky bit, when the entry in it
+    on our path is owned by root (or us), because then no one else may rename or remove that
+    entry. ``real_path`` is the file's path as the kernel reports it for the opened file.
+    """
+    child, child_owner = real_path, owner
+    while child != "/":
+        directory = os.path.dirname(child)
+        try:
+            st = os.stat(directory)
+        except OSError as exc:
+            why = f"cannot check directory {directory}: {exc.strerror}"
+            raise ConfigError(path, None, why) from None
+        if not _trusted_owner(st.st_uid):
+            raise ConfigError(
+                path,
+                None,
+                f"its directory {directory} is owned by uid {st.st_uid}, so that user could "
+                f"replace the config; fix with: chown root {directory}",
+            )
+        writers = _others_may_write(st)
+        sticky_guarded = st.st_mode & stat.S_ISVTX and _trusted_owner(child_owner)
+        if writers is not None and not sticky_guarded:
+            fix = "o-w" if writers == "world-writable" else "g-w"
+            raise ConfigError(
+                path,
+                None,
+                f"its directory {directory} is {writers}, so others could replace the config; "
+                f"fix with: chmod {fix} {directory}",
+            )
+        child, child_owner = directory, st.st_uid
 
 
 def load_file(path: str) -> Config:
@@ -214,7 +272,9 @@ def load_file(path: str) -> Config:
     try:
         # Checked on the fd before wrapping it: fdopen itself refuses a directory with a raw
         # IsADirectoryError instead of our message.
-        check_trust(path, os.fstat(fd))
+        st = os.fstat(fd)
+        check_trust(path, st)
+        check_directories(path, os.readlink(f"/proc/self/fd/{fd}"), st.st_uid)
     except ConfigError:
         os.close(fd)
         raise

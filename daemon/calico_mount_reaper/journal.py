@@ -40,6 +40,8 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, TextIO
 
+from calico_mount_reaper.printable import log_text
+
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SYSLOG_IDENTIFIER = "calico-mount-reaper"
 LOGGER_NAME = "calico_mount_reaper"
@@ -70,7 +72,6 @@ _RESERVED = frozenset(
 )
 # journald silently drops fields whose names break these rules (journal_field_valid()).
 _FIELD_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f\udc80-\udcff]")
 
 Sender = Callable[..., Any]
 
@@ -95,22 +96,13 @@ def syslog_priority(levelno: int) -> int:
 
 
 def printable(text: str) -> str:
-    r"""Escape control characters and undecodable bytes, so one record stays one line.
+    r"""Escape control characters, C1, undecodable bytes and other non-printables (printable.py),
+    so one record stays one line and cannot drive the reader's terminal.
 
     A mount point may hold a newline; printed raw it could forge a second log line. The exact
     bytes travel in the MOUNT_POINT field; the human text shows ``\n`` / ``\xNN`` instead.
     """
-
-    def escape(match: re.Match[str]) -> str:
-        char = match.group()
-        if char == "\n":
-            return "\\n"
-        if char == "\t":
-            return "\\t"
-        code = ord(char)
-        return f"\\x{code - 0xDC00 if code >= 0xDC80 else code:02x}"
-
-    return _UNPRINTABLE.sub(escape, text)
+    return log_text(text)
 
 
 def field_name(key: str) -> str | None:

@@ -9,18 +9,20 @@ fresh read, never what we hoped happened.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from calico_mount_reaper import mountinfo
 from calico_mount_reaper.config import Config
 from calico_mount_reaper.liveness import Liveness, observe
 from calico_mount_reaper.plan import Action, Assessment, Mode, Site, find_sites, plan
+from calico_mount_reaper.resolve import Expected
 from calico_mount_reaper.targets import search_needles
 from calico_mount_reaper.unmount import (
     BusyPolicy,
     Outcome,
     Result,
+    directory_of,
     remove_mount_point,
     unmount_planned,
 )
@@ -89,12 +91,13 @@ def read_table(config: Config, path: str = MOUNTINFO) -> Table:
     return Table.of(mountinfo.read(path, search_needles(config.rules)), config)
 
 
-def _execute(action: Action, config: Config, dry_run: bool, path: str) -> Outcome:
+def _execute(action: Action, config: Config, dry_run: bool, path: str, table: Table) -> Outcome:
     if dry_run:
         return Outcome(action.mount, Result.DRY_RUN, f"would unmount: {action.reason}")
     policy = BusyPolicy(config.busy_retries, config.busy_backoff, detach=True)
     return unmount_planned(
         action.mount,
+        directory_of(action.mount, table.mounts),
         policy,
         action.detach_allowed,
         site_ids=action.site.mount_ids,
@@ -131,6 +134,9 @@ def run_pass(
     if table is None:
         table = fresh()
     report.warnings.extend(table.warnings)
+    # Where each site's mount-point directory must be, as first planned: the rmdir at the end
+    # goes only through that directory (safety rule 3).
+    directories: dict[str, Expected] = {}
     stale = False
     for round_ in range(MAX_ROUNDS):
         if not table.sites:
@@ -143,10 +149,14 @@ def run_pass(
             report.assessments = tuple(
                 a for a in current.assessments if only is None or a.site.mount_point in only
             )
+            directories = {
+                a.site.mount_point: directory_of(a.site.roots[0], table.mounts)
+                for a in report.assessments
+            }
         progress = False
         stale = bool(actions)
         for action in actions:
-            outcome = _execute(action, config, dry_run, mountinfo_path)
+            outcome = _execute(action, config, dry_run, mountinfo_path, table)
             report.outcomes.append(outcome)
             progress |= outcome.result in (Result.UNMOUNTED, Result.DETACHED)
             if on_outcome is not None:
@@ -160,13 +170,13 @@ def run_pass(
     report.table = table
     report.remaining = table.sites
     if not dry_run and config.remove_mount_point:
-        _remove_emptied_dirs(report)
+        _remove_emptied_dirs(report, directories)
     return report
 
 
-def _remove_emptied_dirs(report: PassReport) -> None:
+def _remove_emptied_dirs(report: PassReport, directories: Mapping[str, Expected]) -> None:
     for point in sorted({a.site.mount_point for a in report.reaped}, reverse=True):
-        if remove_mount_point(point) is None:
+        if remove_mount_point(point, directories[point]) is None:
             report.removed_dirs.append(point)
 
 

@@ -33,6 +33,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _figure(value: int | None) -> str:
+    """A measured count, or a dash where the case has no victim of that kind to count."""
+    return "-" if value is None else str(value)
+
+
 def render(rows: list[dict[str, Any]], summary: str, profile: str, args: str) -> str:
     by: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -48,16 +53,44 @@ def render(rows: list[dict[str, Any]], summary: str, profile: str, args: str) ->
         )
     ]
     adv = by["adversarial"]
-    parts.append("\n## Safety under attack\n\nWrong unmounts must be 0 in every row.\n\n")
+    parts.append(
+        "\n## Safety under attack\n\nWrong unmounts and wrong rmdirs must be 0 in every row. "
+        "*Path* is the identity path: `unique` (64-bit mount IDs, Linux 6.8+) or `old` (the "
+        "fallback: 32-bit ID + device + fstype + verified path). A dash: the case has no victim of "
+        "that kind, so there is nothing to count.\n\n"
+    )
+    parts.append(
+        _table(
+            ["case", "path", "attempts", "wrong unmounts", "wrong rmdirs", "what happened"],
+            [
+                [
+                    r["case"],
+                    r["path"],
+                    str(r["attempts"]),
+                    _figure(r.get("wrong_unmounts")),
+                    _figure(r.get("wrong_rmdirs")),
+                    r["detail"],
+                ]
+                for r in adv
+            ],
+        )
+    )
+    for path in sorted({r["path"] for r in adv}):
+        rows_on = [r for r in adv if r["path"] == path]
+        parts.append(
+            f"\nTotal on the `{path}` path: {sum(r['attempts'] for r in rows_on)} attempts, "
+            f"{sum(r.get('wrong_unmounts') or 0 for r in rows_on)} wrong unmounts, "
+            f"{sum(r.get('wrong_rmdirs') or 0 for r in rows_on)} wrong rmdirs.\n"
+        )
+    parts.append("\n## Edge cases (not attacks)\n\n")
     parts.append(
         _table(
             ["case", "attempts", "wrong unmounts", "what happened"],
-            [[r["case"], str(r["attempts"]), str(r["wrong_unmounts"]), r["detail"]] for r in adv],
+            [
+                [r["case"], str(r["attempts"]), str(r["wrong_unmounts"]), r["detail"]]
+                for r in by["edge"]
+            ],
         )
-    )
-    parts.append(
-        f"\nTotal: {sum(r['attempts'] for r in adv)} attempts, "
-        f"{sum(r['wrong_unmounts'] for r in adv)} wrong unmounts.\n"
     )
     parts.append("\n## Faults\n\n")
     parts.append(
@@ -108,6 +141,21 @@ ELSEWHERE = [
         "refused, the message names file and key",
     ],
     [
+        "config group-writable (non-root group), in a directory a user owns or may write",
+        "tests/reliability/test_security.py::test_a_config_*",
+        "refused, the message names the file or directory and the fix",
+    ],
+    [
+        "C0, DEL, C1, raw non-UTF-8 bytes, bidi overrides in mount points (human output)",
+        "tests/reliability/test_security.py::test_human_status_output_*",
+        "all escaped; JSON keeps the exact path",
+    ],
+    [
+        "symlink at any path component, renamed or look-alike directory (openat2 and walk)",
+        "tests/test_resolve.py",
+        "refused before anything is done through it",
+    ],
+    [
         "plan: only targets, never the deny-list; children before parents, top before bottom",
         "tests/test_plan.py (hypothesis; `--deep`: 100 000 tables)",
         "property holds",
@@ -123,8 +171,30 @@ ELSEWHERE = [
         "symlink replaced, never followed",
     ],
 ]
+WINDOWS = """
+## What the attack rows show, per identity path, and what window remains
+
+Every directory a reap acts through is opened without following a symlink and checked (path
+the kernel reports, mount it is on) before anything is done through it; the rows above swap
+`/run/calico`, `a` or `b` for symlinks, from the reaper's namespace and from a second one, and
+give freed mount IDs to victims while the pass waits between plan and act. SECURITY.md ("What
+window remains") has the reasoning; in short:
+
+- **unique path** (64-bit IDs, Linux 6.8+): the only windows left are two syscalls wide:
+  between the last check and `umount2`'s own lookup (the topmost mount at the planned name is
+  hit; it lies where the attacker can already mount and unmount), and between the rmdir checks
+  and `unlinkat` (an empty directory renamed to the planned name on an allow-listed filesystem
+  is removed; whoever renamed it could remove it).
+- **old path** (32-bit ID + device + fstype + verified path): the same two, plus one from plan
+  to act: a *new mount of the same filesystem at the same path* that receives the freed ID is
+  indistinguishable and is reaped (the row "a new cgroup2 at the same path gets its old ID":
+  `unmounted` on this path, `refused` on the unique one). It is a target by rule, so no
+  non-target is touched; what may be stale is the verdict on it.
+"""
+
 STATIC = (
-    "\n## Covered elsewhere (run by the same command)\n\n"
+    WINDOWS
+    + "\n## Covered elsewhere (run by the same command)\n\n"
     + _table(["fault", "test", "expected"], ELSEWHERE)
     + """
 ## Simulated, and how

@@ -1,32 +1,52 @@
-"""Safety under attack: the reaper against a hostile mount table, on the real kernel.
+"""Safety under attack: whole reaper passes against a hostile tree, on the real kernel.
 
-Every case runs in a private mount namespace (tests/support/nsutil.py) and counts *wrong unmounts*:
-a mount that was not a target (or a target other than the planned one) disappearing. The
-figure must be zero. Each case records its attempts and wrong unmounts for docs/reliability.md.
+The attacker is the one SECURITY.md models: it can write under /run/calico (swap any directory
+there for a symlink, rename, mkdir) and mount and unmount there, from the reaper's mount
+namespace or from a second one. Every case runs in a private mount namespace
+(tests/support/nsutil.py) and counts two kinds of harm, both of which must be zero:
+
+- a *wrong unmount*: a mount that is not the planned target disappears;
+- a *wrong rmdir*: a directory that is not the planned, emptied mount point disappears (an
+  empty directory elsewhere, or a tracing instance on tracefs).
+
+Every case runs on both identity paths (tests/support/unique_ids.py): the 64-bit unique IDs and
+the forced fallback. Each records its figures for docs/reliability.md from the same values
+its assertions check.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path as FsPath
 
-from calico_mount_reaper import mountinfo
+import pytest
+from calico_mount_reaper import mountinfo, resolve
 from calico_mount_reaper.config import Config
-from calico_mount_reaper.liveness import Liveness
+from calico_mount_reaper.liveness import Liveness, observe
 from calico_mount_reaper.mountinfo import Mount
 from calico_mount_reaper.plan import Mode
-from calico_mount_reaper.reaper import run_pass
-from calico_mount_reaper.unmount import BusyPolicy, Result, unmount_planned
+from calico_mount_reaper.reaper import PassReport, run_pass
+from calico_mount_reaper.statx import IdKind, stat_mount
+from calico_mount_reaper.unmount import Result
 
 from tests.support import node
 from tests.support.figures import record
 from tests.support.nsutil import in_namespace, mount
+from tests.support.system_bus import Bus
+from tests.support.unique_ids import Path, Recorder
 
-NO_RETRY = BusyPolicy(retries=0, backoff=0)
 RACE_ITERATIONS = int(os.environ.get("RELIABILITY_RACE_ITERATIONS", "1000"))
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
+CLONE_NEWNS = 0x00020000
 MS_BIND, MS_REMOUNT, MS_RDONLY = 0x1000, 0x20, 0x1
+PATHS = pytest.mark.parametrize("path", list(Path), ids=[p.value for p in Path])
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -43,118 +63,470 @@ def _umount_all(path: str) -> None:
         pass
 
 
-# ---- racing symlink swap ----------------------------------------------------------------------
+def _exchange(a: str, b: str) -> None:
+    """One atomic renameat2(RENAME_EXCHANGE): ``a`` and ``b`` trade places."""
+    if _libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), f"{a} <-> {b}")
 
 
-def _racing_swap(iterations: int) -> dict[str, int]:
-    """Reap /run/calico/cgroup while another process keeps exchanging /run/calico with a symlink
-    to a tree that holds a different cgroup2 mount at the same relative path."""
-    os.makedirs("/run/calico/cgroup")
-    os.makedirs("/run/decoy/calico/cgroup")
-    mount("none", "/run/decoy/calico/cgroup", "cgroup2")
-    os.symlink("/run/decoy/calico", "/run/swap")
-    # The real directory, whatever name it has at the moment: targets are remounted through it.
-    real = os.open("/run/calico", os.O_PATH | os.O_DIRECTORY)
-    again = f"/proc/self/fd/{real}/cgroup"
-    flipper = os.fork()
-    if flipper == 0:
-        while True:  # one atomic renameat2(RENAME_EXCHANGE) per flip
-            _libc.renameat2(AT_FDCWD, b"/run/calico", AT_FDCWD, b"/run/swap", RENAME_EXCHANGE)
-    counts = {"attempts": 0, "wrong": 0, "unmounted": 0, "refused": 0, "flipped_paths": 0}
+def _pass(rec: Recorder, path: Path, **kw: object) -> PassReport:
+    """One whole reaper pass, planning from the table as ``path`` sees it."""
+    return run_pass(Config(), Mode.NORMAL, liveness=Liveness(), read=lambda: rec.read(path), **kw)  # type: ignore[arg-type]
+
+
+def _unique_of(path: str) -> int | None:
     try:
-        while counts["attempts"] < iterations and counts["flipped_paths"] < 20 * iterations:
-            mount("none", again, "cgroup2")
-            table = _table()
-            planned = [
-                m
-                for m in table.values()
-                if m.mount_point == "/run/calico/cgroup" and m.fstype == "cgroup2"
-            ]
-            decoy = [m.mount_id for m in table.values() if m.mount_point.startswith("/run/decoy")]
-            if not planned:  # the plan saw the real directory under its swapped name
-                counts["flipped_paths"] += 1
-                _umount_all(again)
-                continue
-            counts["attempts"] += 1
-            outcome = unmount_planned(planned[0], NO_RETRY, detach_allowed=True)
-            after = _table()
-            if any(d not in after for d in decoy):
-                counts["wrong"] += 1
-                mount("none", "/run/decoy/calico/cgroup", "cgroup2")
-            if outcome.result is Result.UNMOUNTED:
-                counts["unmounted"] += 1
-                assert planned[0].mount_id not in after or after[planned[0].mount_id] != planned[0]
-            elif outcome.result is Result.REFUSED:
-                counts["refused"] += 1
-            _umount_all(again)
-    finally:
-        os.kill(flipper, 9)
-        os.waitpid(flipper, 0)
-    return counts
+        return stat_mount(os.fsencode(path), IdKind.UNIQUE).mount_id
+    except OSError:
+        return None
 
 
-def test_racing_symlink_swap_of_the_parent_never_unmounts_the_other_cgroup2_mount() -> None:
-    counts = in_namespace(_racing_swap, RACE_ITERATIONS, timeout=600)
-    record(
-        "adversarial",
-        "racing swap: /run/calico <-> symlink to a tree with another cgroup2",
-        attempts=counts["attempts"],
-        wrong_unmounts=counts["wrong"],
-        detail=f"{counts['unmounted']} unmounted, {counts['refused']} refused",
-    )
-    assert counts["wrong"] == 0, counts
-    # The race must really have been run: every attempt made, and both outcomes seen.
-    assert counts["attempts"] >= RACE_ITERATIONS, counts
-    assert counts["unmounted"] > 0 and counts["refused"] > 0, counts
+def _tracefs(where: str) -> bool:
+    """Mount tracefs at ``where`` (this namespace only); False if the kernel has none."""
+    with open("/proc/filesystems") as f:
+        if not any(line.split()[-1] == "tracefs" for line in f if line.strip()):
+            return False
+    os.makedirs(where, exist_ok=True)
+    mount("nodev", where, "tracefs")
+    return os.path.isdir(f"{where}/instances")
 
 
-# ---- mount-ID reuse ------------------------------------------------------------------------
+# ---- finding 1: a swap between the unmount and the rmdir -----------------------------------------
 
 
-def _id_reuse(same_path: bool) -> dict[str, object]:
-    node.mount_at("cgroup2", "/run/calico/cgroup")
-    planned = _at("/run/calico/cgroup")[-1]
-    # Someone else unmounts the planned mount and mounts something else, which gets the freed
-    # ID: the kernel hands out the old 32-bit mount IDs lowest-free-first.
-    _umount_all("/run/calico/cgroup")
-    newcomer = "/run/calico/cgroup" if same_path else "/run/elsewhere"
-    node.mount_at("tmpfs", newcomer)
-    reused = _at(newcomer)[-1]
-    outcome = unmount_planned(planned, NO_RETRY, detach_allowed=True)
+def _rmdir_redirected(path: Path) -> dict[str, object]:
+    rec = Recorder()
+    rec.mount_at("cgroup2", "/run/calico/cgroup")
+    os.makedirs("/run/decoy/cgroup")  # an empty directory that is no target's
+    os.symlink("/run/decoy", "/run/calico.swap")
+
+    def swap_after_unmount(*_: object) -> None:
+        _exchange("/run/calico", "/run/calico.swap")  # /run/calico is now the symlink
+
+    report = _pass(rec, path, on_outcome=swap_after_unmount)
     return {
-        "reused": reused.mount_id == planned.mount_id,
-        "result": outcome.result,
-        "detail": outcome.detail,
-        "newcomer_alive": reused.mount_id in _table(),
+        "results": [o.result for o in report.outcomes],
+        "removed": report.removed_dirs,
+        "decoy_kept": os.path.isdir("/run/decoy/cgroup"),
+        "real_kept": os.path.isdir("/run/calico.swap/cgroup"),
     }
 
 
-def test_mount_id_reused_at_the_same_path_by_another_filesystem_is_refused() -> None:
-    out = in_namespace(_id_reuse, True)
+@PATHS
+def test_a_symlink_swapped_in_before_the_rmdir_never_redirects_it(path: Path) -> None:
+    out = in_namespace(_rmdir_redirected, path)
     record(
         "adversarial",
-        "mount ID reused at the same path (tmpfs gets the planned ID)",
+        "/run/calico swapped for a symlink between unmount and rmdir (whole pass)",
+        path=path.value,
         attempts=1,
-        wrong_unmounts=int(not out["newcomer_alive"]),
-        detail=out["result"].value,
-    )  # type: ignore[attr-defined]
-    assert out["reused"], "the kernel did not reuse the ID: the case tests nothing"
-    assert out["result"] is Result.REFUSED, out
-    assert out["newcomer_alive"]
+        wrong_unmounts=None,  # no mount victim in this case
+        wrong_rmdirs=int(not out["decoy_kept"]),
+        detail=f"rmdir refused; removed {len(out['removed'])}",  # type: ignore[arg-type]
+    )
+    assert out["results"] == [Result.UNMOUNTED]
+    assert out["decoy_kept"], out
+    assert out["removed"] == [] and out["real_kept"]
 
 
-def test_mount_id_reused_elsewhere_is_refused() -> None:
-    out = in_namespace(_id_reuse, False)
+# ---- finding 3: a mount point on tracefs --------------------------------------------------------
+
+
+def _rmdir_on_tracefs(path: Path) -> dict[str, object] | None:
+    if not _tracefs("/run/calico/tracing"):
+        return None
+    # mkdir in instances/ creates a real tracing instance (tracefs is one superblock for the
+    # whole kernel): this test makes its own and removes it itself.
+    instance = f"/run/calico/tracing/instances/cmr-test-{os.getpid()}"
+    os.mkdir(instance)
+    try:
+        rec = Recorder()
+        rec.mount("none", instance, "cgroup2")
+        report = _pass(rec, path)
+        return {
+            "results": [o.result for o in report.outcomes],
+            "removed": report.removed_dirs,
+            "instance_kept": os.path.isdir(instance),
+        }
+    finally:
+        _umount_all(instance)
+        if os.path.isdir(instance):
+            os.rmdir(instance)
+
+
+@PATHS
+def test_an_emptied_mount_point_on_tracefs_is_never_removed(path: Path) -> None:
+    out = in_namespace(_rmdir_on_tracefs, path)
+    if out is None:
+        pytest.skip("this kernel has no tracefs")
     record(
         "adversarial",
-        "mount ID reused elsewhere (tmpfs at another path)",
+        "target mounted on a tracing instance directory (tracefs): rmdir allow-list",
+        path=path.value,
         attempts=1,
-        wrong_unmounts=int(not out["newcomer_alive"]),
-        detail=out["result"].value,
-    )  # type: ignore[attr-defined]
-    assert out["reused"], "the kernel did not reuse the ID: the case tests nothing"
-    assert out["result"] in (Result.REFUSED, Result.ALREADY_GONE), out
-    assert out["newcomer_alive"]
+        wrong_unmounts=None,  # no mount victim in this case
+        wrong_rmdirs=int(not out["instance_kept"]),
+        detail="unmounted; instance kept (tracefs not on the allow-list)",
+    )
+    assert out["results"] == [Result.UNMOUNTED]
+    assert out["instance_kept"] and out["removed"] == [], out
+
+
+# ---- finding 2: the freed mount ID handed to a victim, plus a swap -------------------------------
+
+
+def _mount_id(fstype: str, where: str) -> int:
+    node.mount_at(fstype, where)
+    found = stat_mount(os.fsencode(where), IdKind.OLD).mount_id
+    assert found is not None
+    return found
+
+
+def _take_freed_id(freed: int, newcomer: Callable[[], int]) -> bool:
+    """Make ``newcomer`` get the freed old mount ID, as an attacker would.
+
+    The kernel hands out old IDs lowest-free-first, so every lower free ID is filled first
+    (those fillers stay mounted). Other processes on the machine allocate from the same global
+    pool, so this can lose a race: the caller retries.
+    """
+    for k in range(1024):
+        got = _mount_id("tmpfs", f"/run/fill/{os.getpid()}-{k}-{time.monotonic_ns()}")
+        if got == freed:
+            _umount_all_at_id(freed)
+            return newcomer() == freed
+        if got > freed:
+            return False
+    return False
+
+
+def _umount_all_at_id(mount_id: int) -> None:
+    m = _table()[mount_id]
+    assert _libc.umount2(os.fsencode(m.mount_point), 0) == 0
+
+
+def _reuse_attack(path: Path, shape: str, stalled_systemd: int | None) -> dict[str, object]:
+    """Plan, then (in the window) unmount the target and give its old ID to a victim.
+
+    ``shape``: "swap" puts the victim at an unrelated path and swaps /run/calico for a symlink
+    to its parent (finding 2); "tmpfs" or "cgroup2" mounts the newcomer at the target's own path.
+    ``stalled_systemd`` None runs the attack in the liveness hook (between plan and act, in
+    process); otherwise it is the fake systemd's PID: it is stopped, the pass gets stuck asking
+    it for kubelet's state, and another process attacks meanwhile, then lets systemd go on.
+    """
+    rec = Recorder()
+    rec.mount_at("cgroup2", "/run/calico/cgroup")
+    planned = _at("/run/calico/cgroup")[-1]
+    victim = "/run/victim/cgroup" if shape == "swap" else "/run/calico/cgroup"
+    os.makedirs("/run/victim/cgroup")
+
+    def attack() -> dict[str, object]:
+        _umount_all("/run/calico/cgroup")
+        reused = _take_freed_id(
+            planned.mount_id, lambda: _mount_id("tmpfs" if shape == "tmpfs" else "cgroup2", victim)
+        )
+        if shape == "swap":
+            os.symlink("/run/victim", "/run/calico.swap")
+            _exchange("/run/calico", "/run/calico.swap")
+        return {"reused": reused, "victim_unique": _unique_of(victim)}
+
+    seen: dict[str, object] = {}
+    if stalled_systemd is None:
+
+        def hook(names: object, unit: str) -> Liveness:
+            seen.update(attack())
+            return Liveness()
+
+        report = run_pass(Config(), Mode.NORMAL, observe_liveness=hook, read=lambda: rec.read(path))  # type: ignore[arg-type]
+    else:
+        read_fd, write_fd = os.pipe()
+        os.kill(stalled_systemd, signal.SIGSTOP)
+        attacker = os.fork()
+        if attacker == 0:  # give the pass time to read, plan and get stuck on the bus
+            time.sleep(1.0)
+            result = attack()
+            os.kill(stalled_systemd, signal.SIGCONT)
+            os.write(write_fd, repr(result).encode())
+            os._exit(0)
+        os.close(write_fd)
+        report = run_pass(
+            Config(), Mode.NORMAL, observe_liveness=observe, read=lambda: rec.read(path)
+        )
+        os.waitpid(attacker, 0)
+        seen.update(eval(os.read(read_fd, 4096).decode()))
+    return {
+        **seen,
+        "results": [o.result for o in report.outcomes if o.mount.mount_id == planned.mount_id],
+        "details": [o.detail for o in report.outcomes],
+        "victim_alive": _unique_of(victim) == seen["victim_unique"],
+    }
+
+
+def _until_reused(
+    fn: Callable[..., dict[str, object]], *args: object, tries: int = 12
+) -> dict[str, object]:
+    """Rerun until the attack really happened: the victim got the freed ID, and the pass had
+    planned the target before it (so it acted on the stale plan). Else it tested nothing."""
+    for _ in range(tries):
+        out = in_namespace(fn, *args, timeout=120)
+        if out["reused"] and out["results"]:
+            return out
+    raise AssertionError(f"the attack never got in between plan and act: {out}")
+
+
+@PATHS
+def test_a_freed_id_given_to_a_victim_elsewhere_plus_a_swap_is_refused(path: Path) -> None:
+    out = _until_reused(_reuse_attack, path, "swap", None)
+    record(
+        "adversarial",
+        "mid-reap: target unmounted, its old ID given to a cgroup2 elsewhere, /run/calico "
+        "swapped for a symlink to it (whole pass)",
+        path=path.value,
+        attempts=1,
+        wrong_unmounts=int(not out["victim_alive"]),
+        wrong_rmdirs=None,  # not measured here: no directory victim in this case
+        detail=f"{out['results'][0].value}",  # type: ignore[index]
+    )
+    assert out["victim_alive"], out
+    assert out["results"] in ([Result.REFUSED], [Result.ALREADY_GONE]), out
+
+
+@PATHS
+def test_a_freed_id_given_to_another_filesystem_at_the_same_path_is_refused(path: Path) -> None:
+    out = _until_reused(_reuse_attack, path, "tmpfs", None)
+    record(
+        "adversarial",
+        "mid-reap: target unmounted, a tmpfs at the same path gets its old ID (whole pass)",
+        path=path.value,
+        attempts=1,
+        wrong_unmounts=int(not out["victim_alive"]),
+        wrong_rmdirs=None,  # not measured here: no directory victim in this case
+        detail=f"{out['results'][0].value}",  # type: ignore[index]
+    )
+    assert out["victim_alive"], out
+    # The planned mount is gone and the newcomer was left alone: either word is true.
+    assert out["results"] in ([Result.REFUSED], [Result.ALREADY_GONE]), out
+
+
+@PATHS
+def test_a_freed_id_given_to_a_new_cgroup2_at_the_same_path(path: Path) -> None:
+    """The one case the two paths decide differently, and why the fallback's is acceptable.
+
+    The newcomer is a cgroup2 at a target path: a target by rule (safety rule 1 holds either
+    way). The unique ID tells it from the planned mount and refuses; the fallback cannot (same
+    ID, same device: every cgroup2 shares one, same type, same path) and reaps it.
+    """
+    out = _until_reused(_reuse_attack, path, "cgroup2", None)
+    expected = Result.REFUSED if path is Path.UNIQUE else Result.UNMOUNTED
+    record(
+        "adversarial",
+        "mid-reap: target unmounted, a new cgroup2 at the same path gets its old ID",
+        path=path.value,
+        attempts=1,
+        wrong_unmounts=None,  # the newcomer is a target by rule: see the detail
+        wrong_rmdirs=None,  # not measured here: no directory victim in this case
+        detail=(
+            "refused (unique ID differs)"
+            if path is Path.UNIQUE
+            else "unmounted: indistinguishable, and a target by rule"
+        ),
+    )
+    assert out["results"] == [expected], out
+    assert out["victim_alive"] is (path is Path.UNIQUE)
+
+
+@PATHS
+def test_the_id_reuse_and_swap_attack_from_another_process_during_a_stalled_bus(
+    path: Path, tmp_path: FsPath
+) -> None:
+    bus = Bus(tmp_path)
+    bus.start()
+    try:
+        bus.tell("active kubelet.service inactive")
+        assert bus.fake is not None
+        fake = bus.fake.pid
+        os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = bus.address
+        try:
+            out = _until_reused(_reuse_attack, path, "swap", fake)
+        finally:
+            os.kill(fake, signal.SIGCONT)
+            del os.environ["DBUS_SYSTEM_BUS_ADDRESS"]
+    finally:
+        bus.stop()
+    record(
+        "adversarial",
+        "the same attack from another process while systemd is stalled (SIGSTOP), whole pass",
+        path=path.value,
+        attempts=1,
+        wrong_unmounts=int(not out["victim_alive"]),
+        wrong_rmdirs=None,  # not measured here: no directory victim in this case
+        detail=f"{out['results'][0].value if out['results'] else 'not planned'}",  # type: ignore[index]
+    )
+    assert out["victim_alive"], out
+    # The pass planned the target before the attack (else this tested nothing) and refused.
+    assert out["results"] in ([Result.REFUSED], [Result.ALREADY_GONE]), out
+
+
+# ---- racing swaps of every directory on the path -----------------------------------------------
+
+
+class _Victims:
+    """Things a redirected reap could harm, each checked through an fd pinned at setup."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.mounts: list[tuple[int, int]] = []  # (parent dir fd, unique ID of the victim mount)
+        self.dirs: list[int] = []  # parent dir fds of empty directories (and tracing instances)
+
+    def add_mount(self, parent: str) -> None:
+        node.mount_at("cgroup2", f"{parent}/{self.name}")
+        unique = _unique_of(f"{parent}/{self.name}")
+        assert unique is not None
+        self.mounts.append((os.open(parent, os.O_PATH | os.O_DIRECTORY), unique))
+
+    def add_dir(self, parent: str) -> None:
+        os.makedirs(f"{parent}/{self.name}", exist_ok=True)
+        self.dirs.append(os.open(parent, os.O_PATH | os.O_DIRECTORY))
+
+    def harmed(self) -> tuple[int, int]:
+        """(wrong unmounts, wrong rmdirs) since the last call; puts every victim back."""
+        unmounted = removed = 0
+        for fd, unique in list(self.mounts):
+            found = stat_mount(os.fsencode(self.name), IdKind.UNIQUE, dir_fd=fd).mount_id
+            if found != unique:
+                unmounted += 1
+                self.mounts.remove((fd, unique))
+                mount("none", f"/proc/self/fd/{fd}/{self.name}", "cgroup2")
+                new = _unique_of(f"/proc/self/fd/{fd}/{self.name}")
+                assert new is not None
+                self.mounts.append((fd, new))
+        for fd in self.dirs:
+            try:
+                os.stat(self.name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                removed += 1
+                os.mkdir(self.name, dir_fd=fd)
+        return unmounted, removed
+
+
+def _flip_forever(pairs: list[tuple[str, str]], second_namespace: bool) -> None:
+    """The attacker: swap a random directory on the target's path for a symlink and back."""
+    if second_namespace:
+        assert _libc.unshare(CLONE_NEWNS) == 0
+    rng = random.Random(os.getpid())
+    while True:
+        real, link = rng.choice(pairs)
+        _exchange(real, link)
+        for _ in range(rng.randrange(300)):  # hold the swapped state for a random moment
+            pass
+        _exchange(real, link)
+        for _ in range(rng.randrange(300)):
+            pass
+
+
+def _racing_swaps(path: Path, variant: str, iterations: int) -> dict[str, int]:
+    """Reap /run/calico/a/b/<name> in whole passes while an attacker swaps /run/calico, a or b
+    for a symlink into a look-alike tree. Each look-alike holds a victim at the place the
+    target would be: a cgroup2 mount, an empty directory, or (b only) a tracing instance.
+
+    ``variant``: "same-ns", "second-ns" (the attacker in a mount namespace of its own), or
+    "walk" (same-ns, with directories opened by the component walk that kernels before 5.6
+    need: openat2 is made to look absent, the one thing mocked here).
+    """
+    second_namespace = variant == "second-ns"
+    if variant == "walk":
+        resolve._has_openat2 = lambda: False  # type: ignore[method-assign]
+    name = f"cmr-race-{os.getpid()}"
+    victims = _Victims(name)
+    components = ["/run/calico", "/run/calico/a", "/run/calico/a/b"]
+    os.makedirs(f"{components[-1]}/{name}")
+    pairs = []
+    for depth, real in enumerate(components):
+        rest = "/".join(["a", "b"][depth:])
+        for kind, add in (("mount", victims.add_mount), ("dir", victims.add_dir)):
+            tree = f"/run/decoy-{kind}-{depth}"
+            add(f"{tree}/{rest}".rstrip("/"))
+            os.symlink(tree, f"{real}.{kind}")
+            pairs.append((real, f"{real}.{kind}"))
+    instances = -1
+    if _tracefs("/run/tracing"):
+        os.mkdir(f"/run/tracing/instances/{name}")  # a real tracing instance; removed below
+        victims.dirs.append(os.open("/run/tracing/instances", os.O_PATH | os.O_DIRECTORY))
+        instances = victims.dirs[-1]
+        os.symlink("/run/tracing/instances", f"{components[-1]}.tracing")
+        pairs.append((components[-1], f"{components[-1]}.tracing"))
+    real_b = os.open(components[-1], os.O_PATH | os.O_DIRECTORY)
+    b_mount = stat_mount(b"", IdKind.OLD, dir_fd=real_b).mount_id
+    rec = Recorder(match_path=False)
+    counts = dict.fromkeys(
+        ["attempts", "wrong_unmounts", "wrong_rmdirs", "unmounted", "refused", "removed"], 0
+    )
+    counts["victims"] = len(victims.mounts) + len(victims.dirs)
+    flipper = os.fork()
+    if flipper == 0:
+        try:
+            _flip_forever(pairs, second_namespace)
+        finally:
+            os._exit(1)
+    try:
+        for _ in range(20 * iterations):
+            if counts["attempts"] >= iterations:
+                break
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, dir_fd=real_b)
+            if stat_mount(os.fsencode(name), IdKind.OLD, dir_fd=real_b).mount_id == b_mount:
+                rec.mount("none", f"/proc/self/fd/{real_b}/{name}", "cgroup2")
+            report = _pass(rec, path)
+            mine = [o for o in report.outcomes if o.mount.mount_point.endswith(f"/b/{name}")]
+            counts["attempts"] += bool(mine)
+            counts["unmounted"] += sum(o.result is Result.UNMOUNTED for o in mine)
+            counts["refused"] += sum(o.result is Result.REFUSED for o in mine)
+            counts["removed"] += len(report.removed_dirs)
+            unmounted, removed = victims.harmed()
+            counts["wrong_unmounts"] += unmounted
+            counts["wrong_rmdirs"] += removed
+    finally:
+        os.kill(flipper, signal.SIGKILL)
+        os.waitpid(flipper, 0)
+        if instances >= 0:
+            _umount_all(f"/proc/self/fd/{instances}/{name}")
+            os.rmdir(name, dir_fd=instances)
+    return counts
+
+
+VARIANTS = {
+    "same-ns": "from the reaper's namespace",
+    "second-ns": "from a second mount namespace",
+    "walk": "from the reaper's namespace, directories opened by the pre-5.6 component walk",
+}
+
+
+@PATHS
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_racing_swaps_of_any_directory_on_the_path_never_redirect_a_reap(
+    path: Path, variant: str
+) -> None:
+    counts = in_namespace(
+        _racing_swaps, path, variant, RACE_ITERATIONS, timeout=max(600, RACE_ITERATIONS)
+    )
+    where = VARIANTS[variant]
+    record(
+        "adversarial",
+        f"racing swaps of /run/calico, a or b for symlinks to look-alike trees, {where}; "
+        f"{counts['victims']} victims (cgroup2 mounts, empty dirs, a tracing instance)",
+        path=path.value,
+        attempts=counts["attempts"],
+        wrong_unmounts=counts["wrong_unmounts"],
+        wrong_rmdirs=counts["wrong_rmdirs"],
+        detail=(
+            f"{counts['unmounted']} unmounted, {counts['refused']} refused, "
+            f"{counts['removed']} mount-point dirs removed"
+        ),
+    )
+    assert counts["wrong_unmounts"] == 0 and counts["wrong_rmdirs"] == 0, counts
+    # The race really ran: every attempt made, and the swaps really got in the way sometimes.
+    assert counts["attempts"] >= RACE_ITERATIONS, counts
+    assert counts["unmounted"] > 0 and counts["refused"] > 0 and counts["removed"] > 0, counts
 
 
 # ---- bind of the host's cgroup2 hierarchy onto the target path -------------------------------
@@ -189,8 +561,10 @@ def test_a_bind_of_the_host_cgroup2_hierarchy_goes_and_the_source_stays() -> Non
     record(
         "adversarial",
         "bind of the host cgroup2 hierarchy onto /run/calico/cgroup",
+        path="old",
         attempts=1,
         wrong_unmounts=int(not out["host_alive"]),
+        wrong_rmdirs=None,  # not measured here: no directory victim in this case
         detail="bind reaped, source intact",
     )
     assert out["host_alive"]
@@ -218,8 +592,10 @@ def test_a_target_shadowed_by_a_non_target_is_reported_and_nothing_is_touched() 
     record(
         "adversarial",
         "non-target tmpfs over /run/calico shadows the target",
+        path="old",
         attempts=1,
         wrong_unmounts=int(not out["unchanged"]),
+        wrong_rmdirs=None,  # not measured here: no directory victim in this case
         detail="refused, reported as remaining",
     )
     assert out["unchanged"]
@@ -266,8 +642,10 @@ def test_mount_points_with_every_byte_are_reaped_by_their_real_path() -> None:
     record(
         "adversarial",
         "mount points holding every byte 0x01-0xff (but '/')",
+        path="old",
         attempts=2,
         wrong_unmounts=int(not out["decoys_kept"]),
+        wrong_rmdirs=None,  # not measured here: no directory victim in this case
         detail="both reaped, decoys intact",
     )
     assert out["parsed"] and out["decoys_kept"]
@@ -312,10 +690,16 @@ def test_paths_near_and_beyond_path_max() -> None:
     record(
         "adversarial",
         "mount points of 4095 bytes and beyond PATH_MAX",
+        path="old",
         attempts=2,
         wrong_unmounts=int(not out["decoy_kept"]),
-        detail="4095: reaped; >4096: refused with ENAMETOOLONG, nothing touched",
+        wrong_rmdirs=None,  # not measured here: no directory victim in this case
+        detail=(
+            f"4095 bytes: {'reaped' if out['near_gone'] else 'NOT reaped'}; "
+            f"beyond PATH_MAX: {[r.value for _, r, _ in out['too_long']]}"  # type: ignore[union-attr]
+        ),
     )
+    assert out["near_gone"]
     assert out["decoy_kept"]
     # The longer mount sits inside the 4095-byte one; the pass cannot reach it by path: it says
     # so (refused, naming the error) and then cannot unmount its parent either (busy/refused).
@@ -352,7 +736,7 @@ def _var_run(real_dir: bool) -> dict[str, object]:
 def test_var_run_as_a_symlink() -> None:
     out = in_namespace(_var_run, False)
     record(
-        "adversarial",
+        "edge",
         "/var/run a symlink to /run",
         attempts=1,
         wrong_unmounts=int(not out["decoy_alive"]),
@@ -366,7 +750,7 @@ def test_var_run_as_a_symlink() -> None:
 def test_var_run_as_a_real_directory() -> None:
     out = in_namespace(_var_run, True)
     record(
-        "adversarial",
+        "edge",
         "/var/run a real directory",
         attempts=1,
         wrong_unmounts=int(not out["decoy_alive"]),
@@ -399,7 +783,7 @@ def _read_only_parent() -> dict[str, object]:
 def test_a_target_under_a_read_only_parent_is_unmounted_and_its_directory_kept() -> None:
     out = in_namespace(_read_only_parent)
     record(
-        "adversarial",
+        "edge",
         "target under a read-only parent",
         attempts=1,
         wrong_unmounts=int(not out["parent_alive"]),
