@@ -483,7 +483,7 @@ def idle(size: Size) -> list[Row]:
     watch = Watch()
     # The packaged unit's WatchdogSec, as systemd would pass it.
     from calico_mount_reaper.config import Config
-    from calico_mount_reaper.daemon import ping_interval
+    from calico_mount_reaper.schedule import ping_interval
 
     watchdog = unit_watchdog_seconds()
     daemon = _daemon(workdir, watch, "", WATCHDOG_USEC=str(round(watchdog * 1_000_000)))

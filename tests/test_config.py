@@ -147,6 +147,10 @@ TARGET = '[[target]]\nname = "x"\nprefix = "/srv/x"\nfstypes = ["cgroup2"]\nowne
         (TARGET.replace('["x"]', "[1]"), "target[0].owners"),
         (TARGET + "detach_on_busy = 'yes'", "target[0].detach_on_busy"),
         (TARGET + TARGET.replace("/srv/x", "/proc"), "target[1].prefix"),
+        (TARGET.replace('["cgroup2"]', '["ext4"]'), "target[0].fstypes"),
+        (TARGET.replace('["cgroup2"]', '["cgroup2", "tmpfs"]'), "target[0].fstypes"),
+        (TARGET + TARGET.replace("/srv/x", "/srv/y"), "target[1].name"),
+        (TARGET.replace('name = "x"', 'name = "calico"'), "target[0].name"),
     ],
 )
 def test_bad_value_names_file_and_key(tmp_path: Path, text: str, key: str) -> None:
@@ -249,8 +253,17 @@ def test_env_var_beats_default_file(no_default_file: Path, tmp_path: Path) -> No
     write(no_default_file, "grace_period = 3\n")
     env = write(tmp_path / "env.toml", "grace_period = 4\n")
     assert load(None, {config.ENV_VAR: env}).grace_period == 4
-    # An empty variable counts as unset.
-    assert load(None, {config.ENV_VAR: ""}).grace_period == 3
+
+
+def test_an_empty_config_name_is_refused_not_read_as_unset(no_default_file: Path) -> None:
+    # Someone meant to name a file; quietly running on the default file would surprise them.
+    write(no_default_file, "grace_period = 3\n")
+    with pytest.raises(ConfigError) as info:
+        load(None, {config.ENV_VAR: ""})
+    assert str(info.value).startswith(f"${config.ENV_VAR}: is set but empty")
+    assert "unset it" in str(info.value)
+    with pytest.raises(ConfigError, match="--config: is empty"):
+        load("", {})
 
 
 def test_explicit_beats_env_var(no_default_file: Path, tmp_path: Path) -> None:
@@ -267,3 +280,23 @@ def test_configured_file_must_exist(no_default_file: Path, tmp_path: Path) -> No
         load(missing, {})
     with pytest.raises(ConfigError, match="does not exist"):
         load(None, {config.ENV_VAR: missing})
+
+
+def test_fstypes_allow_list_and_duplicate_names_say_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_file(write(tmp_path / "a.toml", TARGET.replace('["cgroup2"]', '["ext4"]')))
+    assert "'ext4' is not reaped: expected only cgroup2, cgroup, bpf" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_file(write(tmp_path / "b.toml", TARGET + TARGET.replace("/srv/x", "/srv/y")))
+    assert "'x' is already the name of target[0]" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_file(write(tmp_path / "c.toml", TARGET.replace('name = "x"', 'name = "cilium"')))
+    assert "a built-in target" in str(info.value) and "builtin_targets = false" in str(info.value)
+    # Every allowed type, and a built-in name once the built-ins are off, are fine.
+    ok = TARGET.replace('["cgroup2"]', '["cgroup2", "cgroup", "bpf"]').replace(
+        'name = "x"', 'name = "calico"'
+    )
+    rules = load_file(write(tmp_path / "d.toml", "builtin_targets = false\n" + ok)).rules
+    assert [(r.name, sorted(r.fstypes)) for r in rules] == [
+        ("calico", ["bpf", "cgroup", "cgroup2"])
+    ]

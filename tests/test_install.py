@@ -1,4 +1,4 @@
-"""install-units: path escaping, rendering, idempotence, custom-target drop-in, catalog step.
+"""install-units: rendering, idempotence, custom-target drop-in, catalog step.
 
 Files are written under a temporary --root (never the host's /usr); systemd's own tools check the
 results where they are installed (systemd-escape, systemd-analyze verify).
@@ -16,21 +16,9 @@ from pathlib import Path
 import pytest
 from calico_mount_reaper import cli, install
 from calico_mount_reaper.config import Config, from_mapping
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT_TEXT = (REPO / "systemd" / install.UNIT).read_text()
-ROOT_EXAMPLES = {
-    "/run/calico/cgroup": "run-calico-cgroup",
-    "/var/run/calico-custom": "var-run-calico\\x2dcustom",
-    "/run//cilium/cgroupv2/": "run-cilium-cgroupv2",
-    "/": "-",
-    "/run/.hidden": "run-.hidden",
-    "/.x": "\\x2ex",
-    "/a b/ü": "a\\x20b-\\xc3\\xbc",
-    "/a\\b:c_d.e": "a\\x5cb:c_d.e",
-}
 
 
 def custom_config(*prefixes: str) -> Config:
@@ -39,35 +27,6 @@ def custom_config(*prefixes: str) -> Config:
         for i, p in enumerate(prefixes)
     ]
     return from_mapping({"target": targets}, "/etc/calico-mount-reaper/config.toml")
-
-
-# --------------------------------------------------------------------------- escaping
-
-
-@pytest.mark.parametrize(("path", "escaped"), sorted(ROOT_EXAMPLES.items()))
-def test_escape_path_examples(path: str, escaped: str) -> None:
-    assert install.escape_path(path) == escaped
-
-
-@pytest.mark.skipif(shutil.which("systemd-escape") is None, reason="systemd-escape not installed")
-@settings(max_examples=150, deadline=None)
-@given(
-    st.lists(
-        st.text(
-            st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"),
-            min_size=1,
-            max_size=8,
-        ).filter(lambda s: s not in (".", "..")),
-        min_size=1,
-        max_size=4,
-    )
-)
-def test_escape_path_agrees_with_systemd_escape(parts: list[str]) -> None:
-    path = "/" + "/".join(parts)
-    real = subprocess.run(
-        ["systemd-escape", "--path", "--", path], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    assert install.escape_path(path) == real
 
 
 def test_mount_unit_names_the_builtin_targets_as_the_unit_orders_them() -> None:
@@ -173,8 +132,10 @@ def test_installed_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     # verify wants the command to exist: point it at this interpreter's entry point, or python.
     command = shutil.which("calico-mount-reaper") or sys.executable
     install.install(tmp_path, Config(), command, Recorder())
+    # --man=no: Documentation=man:calico-mount-reaper(8) is looked up in the host's man path,
+    # where nothing installed it; test_install_puts_the_man_page_where_man_finds_it covers it.
     done = subprocess.run(
-        ["systemd-analyze", "verify", str(tmp_path / install.UNIT_DIR / install.UNIT)],
+        ["systemd-analyze", "verify", "--man=no", str(tmp_path / install.UNIT_DIR / install.UNIT)],
         capture_output=True,
         text=True,
     )
@@ -226,3 +187,136 @@ def test_cli_install_units_bad_config_is_exit_78_and_writes_nothing(
     assert cli.main(["install-units", "--root", str(root), "--config", str(bad)]) == 78
     assert "grace_period" in capsys.readouterr().err
     assert not root.exists()
+
+
+# --------------------------------------------------------------------------- --config, uninstall
+
+
+def tree(root: Path) -> dict[str, tuple[int, bytes | None]]:
+    """Every path under root with its mode and (for files) content: a byte-for-byte snapshot."""
+    return {
+        str(p.relative_to(root)): (p.lstat().st_mode, p.read_bytes() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "word"),
+    [
+        ("/etc/cmr/node.toml", "/etc/cmr/node.toml"),
+        ("/etc/my configs/a.toml", '"/etc/my configs/a.toml"'),
+        ('/etc/q"uote\\d', '"/etc/q\\"uote\\\\d"'),
+        ("/etc/100%/$HOME", '"/etc/100%%/$$HOME"'),
+        ("/etc/new\nline", '"/etc/new\\x0aline"'),
+    ],
+)
+def test_unit_word_quotes_what_systemd_would_split_or_expand(path: str, word: str) -> None:
+    assert install.unit_word(path) == word
+
+
+def test_config_is_carried_into_execstart_and_the_dropin(tmp_path: Path) -> None:
+    files = install.planned(Config(), "/opt/venv/bin/calico-mount-reaper", "/etc/my node.toml")
+    unit = files[f"{install.UNIT_DIR}/{install.UNIT}"]
+    dropin = files[f"{install.UNIT_DIR}/{install.KUBELET_DROPIN}"]
+    assert unit is not None and dropin is not None
+    line = '/opt/venv/bin/calico-mount-reaper --config "/etc/my node.toml"'
+    assert f"ExecStart={line} run\n" in unit
+    assert f"{line} reap\n" in dropin
+    # Relative paths mean nothing to systemd: made absolute against where the command ran.
+    assert install.command_line("x", "n.toml") == f"x --config {os.path.abspath('n.toml')}"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+def test_a_unit_with_a_quoted_config_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    command = shutil.which("calico-mount-reaper") or sys.executable
+    install.install(tmp_path, Config(), command, Recorder(), config_path="/etc/a b%/c.toml")
+    # --man=no: Documentation=man:calico-mount-reaper(8) is looked up in the host's man path,
+    # where nothing installed it; test_install_puts_the_man_page_where_man_finds_it covers it.
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(tmp_path / install.UNIT_DIR / install.UNIT)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+def test_cli_install_units_config_lands_in_the_units(tmp_path: Path) -> None:
+    conf = tmp_path / "node.toml"
+    conf.write_text("grace_period = 3\n")
+    root = tmp_path / "root"
+    assert cli.main(["install-units", "--root", str(root), "--config", str(conf)]) == 0
+    unit = (root / install.UNIT_DIR / install.UNIT).read_text()
+    assert f" --config {conf} run\n" in unit
+
+
+def test_uninstall_undoes_install_byte_for_byte(tmp_path: Path) -> None:
+    (tmp_path / "usr/local/lib/systemd/system").mkdir(parents=True)  # systemd's own, kept
+    (tmp_path / "usr/local/lib/systemd/system/other.service").write_text("[Unit]\n")
+    before = tree(tmp_path)
+    command = "/usr/local/bin/calico-mount-reaper"
+    install.install(tmp_path, custom_config("/run/calico-custom"), command, Recorder())
+    install.install(tmp_path, Config(), command, Recorder(), config_path="/etc/x.toml")
+    assert tree(tmp_path) != before
+    result = install.uninstall(tmp_path, Recorder())
+    assert result.refused == [] and len(result.removed) == 5  # the custom drop-in went already
+    assert tree(tmp_path) == before
+    # Nothing recorded any more: a second run is a no-op.
+    assert install.uninstall(tmp_path, Recorder()).removed == []
+
+
+def test_uninstall_refuses_a_file_changed_since_install(tmp_path: Path) -> None:
+    install.install(tmp_path, Config(), "/usr/local/bin/calico-mount-reaper", Recorder())
+    edited = tmp_path / install.UNIT_DIR / install.UNIT
+    edited.write_text(edited.read_text() + "# mine\n")
+    result = install.uninstall(tmp_path, Recorder())
+    assert result.refused == [f"/{install.UNIT_DIR}/{install.UNIT}"]
+    assert edited.read_text().endswith("# mine\n")
+    assert len(result.removed) == 4  # the other files
+    # The record of what is left stays, so undoing the edit lets a rerun finish the job.
+    edited.write_text(edited.read_text().removesuffix("# mine\n"))
+    assert install.uninstall(tmp_path, Recorder()).removed == [
+        f"/{install.UNIT_DIR}/{install.UNIT}"
+    ]
+    assert not (tmp_path / "usr").exists()
+
+
+def test_uninstall_never_touches_files_it_did_not_write(tmp_path: Path) -> None:
+    # Put there by hand (or a package): no record of install-units, so nothing is removed.
+    unit = tmp_path / install.UNIT_DIR / install.UNIT
+    unit.parent.mkdir(parents=True)
+    unit.write_text(UNIT_TEXT)
+    assert install.uninstall(tmp_path, Recorder()) == install.Result()
+    assert unit.read_text() == UNIT_TEXT
+
+
+def test_cli_uninstall_units_refuses_while_enabled_then_undoes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = tree(tmp_path)
+    assert cli.main(["install-units", "--root", str(tmp_path)]) == 0
+    wants = tmp_path / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True)
+    (wants / install.UNIT).symlink_to(f"/{install.UNIT_DIR}/{install.UNIT}")
+    capsys.readouterr()
+    assert cli.main(["uninstall-units", "--json", "--root", str(tmp_path)]) == 77
+    assert "systemctl disable --now calico-mount-reaper" in capsys.readouterr().out
+    (wants / install.UNIT).unlink()
+    for d in (wants, wants.parent, wants.parent.parent, tmp_path / "etc"):
+        d.rmdir()
+    assert cli.main(["uninstall-units", "--root", str(tmp_path)]) == 0
+    assert "systemctl daemon-reload" in capsys.readouterr().out
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.skipif(shutil.which("man") is None, reason="man is not installed")
+def test_install_puts_the_man_page_where_man_finds_it(tmp_path: Path) -> None:
+    install.install(tmp_path, Config(), "/usr/local/bin/calico-mount-reaper", Recorder())
+    unit = (tmp_path / install.UNIT_DIR / install.UNIT).read_text()
+    assert "Documentation=man:calico-mount-reaper(8)\n" in unit
+    manpath = tmp_path / "usr/local/share/man"
+    found = subprocess.run(
+        ["man", "-M", str(manpath), "-w", "8", "calico-mount-reaper"],
+        capture_output=True,
+        text=True,
+    )
+    assert found.stdout.strip() == str(manpath / "man8/calico-mount-reaper.8"), found.stderr

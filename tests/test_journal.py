@@ -407,3 +407,15 @@ def test_journalctl_accepts_the_catalog(tmp_path: Path) -> None:
     ids = {line.split(" ", 1)[0] for line in listed}
     assert ids == set(MESSAGE_IDS.values())
     assert all(line.split(" ", 1)[1].startswith("calico-mount-reaper: ") for line in listed)
+
+
+def test_catalog_names_fields_as_substitutions_never_as_empty_assignments() -> None:
+    # journalctl -x replaces @FIELD@ with the entry's value; a bare "MOUNT_ID=" prints as is,
+    # which reads as an empty field.
+    entries = parse_catalog(CATALOG.read_text())
+    for message_id, entry in entries.items():
+        text = entry["Subject"] + "\n" + entry["body"]
+        bare = re.findall(r"\b[A-Z][A-Z0-9_]{2,}=(?=[\s,.;:)]|$)", text)
+        assert not bare, f"{message_id}: write @{bare[0][:-1]}@, not {bare[0]}"
+        for name in re.findall(r"@([^@\s]+)@", text):
+            assert re.fullmatch(r"[A-Z][A-Z0-9_]*", name), f"{message_id}: @{name}@"

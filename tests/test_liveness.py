@@ -11,14 +11,12 @@ from pathlib import Path
 
 import pytest
 from calico_mount_reaper.liveness import (
-    COMM_LEN,
-    KubeletState,
-    Process,
     find_owners,
     kubelet_from_processes,
     read_process,
     scan_processes,
 )
+from calico_mount_reaper.model import COMM_LEN, KubeletSource, KubeletState, Process
 
 
 def test_is_named_by_argv0_or_comm() -> None:
@@ -70,10 +68,10 @@ def test_find_owners_reads_names_once_from_an_iterator() -> None:
 def test_kubelet_from_processes() -> None:
     procs = [Process(1, "bash", "bash"), Process(812, "kubelet", "kubelet")]
     running = kubelet_from_processes(procs)
-    assert running.active is True and running.source == "process"
+    assert running.active is True and running.source is KubeletSource.PROCESS
     assert "pid 812" in running.detail and "no system bus" in running.detail
     stopped = kubelet_from_processes([Process(1, "bash", "bash")])
-    assert stopped.active is False and stopped.source == "process"
+    assert stopped.active is False and stopped.source is KubeletSource.PROCESS
     assert "not found" in stopped.detail
     assert not running.decommissioned and not stopped.decommissioned
 
@@ -98,7 +96,10 @@ def test_decommissioned(
     source: str, load_state: str, unit_file_state: str, decommissioned: bool
 ) -> None:
     state = KubeletState(
-        active=False, source=source, load_state=load_state, unit_file_state=unit_file_state
+        active=False,
+        source=KubeletSource(source),
+        load_state=load_state,
+        unit_file_state=unit_file_state,
     )
     assert state.decommissioned is decommissioned
 
@@ -209,3 +210,52 @@ def test_non_ascii_long_name_is_truncated_in_bytes_like_the_kernel(
     assert proc is not None and proc.argv0 == "x"
     assert proc.is_named(long_name)
     assert not proc.is_named(long_name.replace("agent", "other")[:14])
+
+
+def test_an_exited_process_its_parent_has_not_collected_is_gone(tmp_path: Path) -> None:
+    link = tmp_path / "calico-node"
+    link.symlink_to("/bin/true")
+    child = subprocess.Popen([str(link)])
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z":
+            assert time.monotonic() < deadline, "child did not exit"
+            time.sleep(0.005)
+        # Still listed under its name (comm survives exit), but no owner any more.
+        assert Path(f"/proc/{child.pid}/comm").read_text().strip() == "calico-node"
+        assert read_process(child.pid) is None
+        assert child.pid not in {p.pid for p in scan_processes()}
+    finally:
+        child.wait()
+
+
+def test_a_process_whose_first_thread_exited_alone_is_still_alive(
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    # SYS_exit (60 on x86_64) ends only the calling thread: the leader shows Z while another
+    # thread runs on, and the process is alive (measured on Linux 6.18: num_threads stays 2).
+    if os.uname().machine != "x86_64":
+        pytest.skip("the raw syscall number below is x86_64's")
+    code = (
+        "import ctypes, threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); "
+        "print('ready', flush=True); ctypes.CDLL(None).syscall(60, 0)"
+    )
+    child = _start([sys.executable, "-c", code])
+    children.append(child)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z":
+        assert time.monotonic() < deadline, "leader thread did not exit"
+        time.sleep(0.005)
+    proc = read_process(child.pid)
+    assert proc is not None and proc.pid == child.pid
+
+
+def test_a_comm_with_parentheses_and_spaces_is_read_whole(
+    tmp_path: Path, children: list[subprocess.Popen[bytes]]
+) -> None:
+    # /proc/<pid>/stat prints comm raw between "(" and ")": the last ")" ends it.
+    link = tmp_path / "a) b (c"
+    link.symlink_to("/bin/sleep")
+    child = _start(["x", "30"], executable=str(link))
+    children.append(child)
+    assert read_process(child.pid) == Process(child.pid, "a) b (c", "x")

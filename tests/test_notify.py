@@ -153,8 +153,86 @@ def test_a_manager_that_stops_reading_never_blocks_the_daemon(
     notify_socket: socket.socket, notify_log: ListHandler
 ) -> None:
     # The test's socket is never read: its queue fills, and a blocking sendto would hang here.
-    notifier = Notifier()
+    # A full queue is PID 1 being busy, not an outage: nothing is logged as a warning.
+    notifier = Notifier(sleep=_no_sleep)
     for _ in range(5000):
         notifier.watchdog_ping()
-    warnings = [r.getMessage() for r in notify_log.records]
-    assert warnings and "Resource temporarily unavailable" in warnings[0], warnings
+    assert [r for r in notify_log.records if r.levelno >= logging.WARNING] == []
+
+
+def _no_sleep(seconds: float) -> None:
+    pass
+
+
+def _fill(sock_path: str) -> socket.socket:
+    """A sender whose datagrams to ``sock_path`` no longer fit: the next sendto is EAGAIN."""
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    filler.setblocking(False)
+    try:
+        while True:
+            filler.sendto(b"FILL=1", sock_path)
+    except BlockingIOError:
+        return filler
+
+
+def _drain(sock: socket.socket) -> list[bytes]:
+    got = []
+    sock.settimeout(0.1)
+    try:
+        while True:
+            got.append(sock.recv(4096))
+    except socket.timeout:
+        return [g for g in got if g != b"FILL=1"]
+
+
+def test_status_is_sent_only_when_its_text_changes(notify_socket: socket.socket) -> None:
+    notifier = Notifier()
+    notifier.ready("watching 1 target")
+    notifier.status("watching 1 target")  # unchanged: PID 1 already shows it
+    notifier.watchdog_ping()
+    notifier.status("watching 1\ttarget")  # the same line once made ASCII
+    notifier.status("reaping /run/calico/cgroup")
+    notifier.stopping("reaping /run/calico/cgroup")
+    assert _drain(notify_socket) == [
+        b"READY=1\nSTATUS=watching 1 target",
+        b"WATCHDOG=1",
+        b"STATUS=reaping /run/calico/cgroup",
+        b"STOPPING=1",
+    ]
+
+
+def test_a_full_queue_keeps_the_message_for_the_next_send(
+    notify_socket: socket.socket, tmp_path: Path, notify_log: ListHandler
+) -> None:
+    notifier = Notifier(sleep=_no_sleep)
+    notifier.status("first")
+    assert _drain(notify_socket) == [b"STATUS=first"]
+    filler = _fill(str(tmp_path / "notify"))
+    notifier.status("second")  # EAGAIN: kept
+    notifier.watchdog_ping()  # EAGAIN: merged
+    _drain(notify_socket)  # PID 1 catches up
+    notifier.status("third")
+    # One message with everything still worth saying; "second" was overtaken by "third".
+    assert _drain(notify_socket) == [b"STATUS=third\nWATCHDOG=1"]
+    assert [r for r in notify_log.records if r.levelno >= logging.WARNING] == []
+    filler.close()
+
+
+def test_ready_is_retried_until_the_busy_manager_reads(
+    notify_socket: socket.socket, tmp_path: Path, notify_log: ListHandler
+) -> None:
+    waits: list[float] = []
+
+    def manager_catches_up(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 2:
+            _drain(notify_socket)
+
+    notifier = Notifier(sleep=manager_catches_up)
+    filler = _fill(str(tmp_path / "notify"))
+    notifier.ready("watching")
+    # READY=1 is not left for a later message that may never come before TimeoutStartSec.
+    assert _drain(notify_socket) == [b"READY=1\nSTATUS=watching"]
+    assert len(waits) == 2
+    assert [r for r in notify_log.records if r.levelno >= logging.WARNING] == []
+    filler.close()

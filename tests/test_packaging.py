@@ -32,15 +32,15 @@ DEB_VERSION = f"{VERSION}-1"
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 BUILD_TOOLS = ("dpkg-buildpackage", "dh", "pybuild", "rpmbuild", "lintian")
 BUILD_DEPS = (
-    "dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all "
+    "build-essential dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all "
     "python3-setuptools lintian rpm"
 )
 
 # Files besides the Python package itself (whose modules are compared with the source tree).
 DEB_FILES = {
     "/etc/calico-mount-reaper/config.toml",
-    "/lib/systemd/system/calico-mount-reaper.service",
-    "/lib/systemd/system/kubelet.service.d/50-calico-mount-reaper.conf",
+    "/usr/lib/systemd/system/calico-mount-reaper.service",
+    "/usr/lib/systemd/system/kubelet.service.d/50-calico-mount-reaper.conf",
     "/usr/bin/calico-mount-reaper",
     "/usr/lib/systemd/catalog/calico-mount-reaper.catalog",
     "/usr/share/doc/calico-mount-reaper/README.md.gz",
@@ -138,14 +138,20 @@ def test_default_config_target_example_is_valid() -> None:
 # --------------------------------------------------------------------------- build script
 
 
-def test_build_names_a_missing_unit_file(tmp_path: Path) -> None:
+def copy_of_the_tree(tmp_path: Path) -> Path:
     tree = tmp_path / "tree"
-    top_level_only = {".git", "tests", "dist", "build"}  # packaging/build must come along
+    top_level_only = {".git", "tests", "dist", "build", ".venv", ".venv-floor"}
     shutil.copytree(
         REPO,
         tree,
+        symlinks=True,
         ignore=lambda d, names: top_level_only.intersection(names) if Path(d) == REPO else set(),
     )
+    return tree
+
+
+def test_build_names_a_missing_unit_file(tmp_path: Path) -> None:
+    tree = copy_of_the_tree(tmp_path)
     (tree / "systemd/kubelet.service.d/50-calico-mount-reaper.conf").unlink()
     done = subprocess.run(
         [str(tree / "packaging/build"), "--out", str(tmp_path / "out")],
@@ -157,8 +163,38 @@ def test_build_names_a_missing_unit_file(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_build_writes_the_packages_where_asked(packages: Path) -> None:
+@pytest.mark.parametrize(
+    ("edit", "complaint"),
+    [
+        ("pyproject.toml", "packaging/debian/changelog is at 0.1.0-1 but pyproject.toml at 9.9.9"),
+        ("spec", "spec is at 9.9.9 but pyproject.toml at 0.1.0"),
+        ("spec-changelog", "newest %changelog entry"),
+    ],
+)
+def test_build_refuses_versions_that_disagree(tmp_path: Path, edit: str, complaint: str) -> None:
+    tree = copy_of_the_tree(tmp_path)
+    spec = tree / "packaging/rpm/calico-mount-reaper.spec"
+    if edit == "pyproject.toml":
+        path = tree / "pyproject.toml"
+        path.write_text(path.read_text().replace(f'version = "{VERSION}"', 'version = "9.9.9"'))
+    elif edit == "spec":
+        spec.write_text(spec.read_text().replace(f"Version:        {VERSION}", "Version: 9.9.9"))
+    else:
+        spec.write_text(spec.read_text().replace(f"- {VERSION}-1\n", "- 0.0.9-1\n"))
+    done = subprocess.run(
+        [str(tree / "packaging/build"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": SYSTEM_PATH},
+    )
+    assert done.returncode != 0 and complaint in done.stderr, done.stderr
+
+
+def test_build_writes_the_packages_where_asked_and_keeps_its_logs(packages: Path) -> None:
     names = {p.name for p in packages.iterdir()}
+    logs = {p.name for p in (packages / "logs").iterdir()}
+    assert logs == {"rpmbuild.log", "dpkg-buildpackage.log"}
+    assert "dh_installsystemd" in (packages / "logs/dpkg-buildpackage.log").read_text()
     assert {
         deb(packages).name,
         rpm(packages).name,
@@ -207,18 +243,20 @@ def test_deb_file_list(packages: Path) -> None:
     modules = {p[len(site) :] for p in paths if p.startswith(site) and p.endswith(".py")}
     assert modules == source_modules()
     others = {p for p in paths if not p.startswith("/usr/lib/python3/dist-packages/")}
-    presets = {p for p in others if p.startswith("/lib/systemd/system-preset/")}
+    presets = {p for p in others if p.startswith("/usr/lib/systemd/system-preset/")}
     assert [Path(p).name for p in presets] == [p.name for p in (REPO / "systemd").glob("*.preset")]
     assert others - presets == DEB_FILES
+    # Nothing under the aliased /lib (Debian 13's lintian: aliased-location).
+    assert not [p for p in paths if p.startswith(("/lib/", "/bin/", "/sbin/"))]
 
 
 def test_deb_installs_the_units_from_systemd_dir_unchanged(packages: Path, tmp_path: Path) -> None:
     run("dpkg-deb", "-x", str(deb(packages)), str(tmp_path))
-    unit = tmp_path / "lib/systemd/system/calico-mount-reaper.service"
+    unit = tmp_path / "usr/lib/systemd/system/calico-mount-reaper.service"
     assert unit.read_text() == (REPO / "systemd/calico-mount-reaper.service").read_text()
     assert "ExecStart=/usr/bin/calico-mount-reaper run" in unit.read_text().splitlines()
     dropin = "kubelet.service.d/50-calico-mount-reaper.conf"
-    assert (tmp_path / "lib/systemd/system" / dropin).read_text() == (
+    assert (tmp_path / "usr/lib/systemd/system" / dropin).read_text() == (
         REPO / "systemd" / dropin
     ).read_text()
     entry = (tmp_path / "usr/bin/calico-mount-reaper").read_text().splitlines()[0]
@@ -291,3 +329,42 @@ def test_rpm_config_is_noreplace_and_scriptlets_use_systemd(packages: Path) -> N
     assert "try-restart calico-mount-reaper.service" in scripts  # %systemd_postun_with_restart
     requires = run("rpm", "-qp", "--requires", str(rpm(packages))).splitlines()
     assert {"python3-pystemd >= 0.11", "python3-pyudev", "python3-sdnotify"} <= set(requires)
+    # Built for the build host's python3 (%{python3_sitelib}): rebuilt on RHEL 9 it says 3.9.
+    host = run("/usr/bin/python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])")
+    assert f"python(abi) = {host.strip()}" in requires
+    paths = run("rpm", "-qlp", str(rpm(packages))).split()
+    assert f"/usr/lib/python{host.strip()}/site-packages/calico_mount_reaper/cli.py" in paths
+
+
+# --------------------------------------------------------------------------- man page
+
+
+def test_the_man_page_is_what_the_parser_generates() -> None:
+    python = Path(sys.executable)
+    done = subprocess.run(
+        [str(PACKAGING / "manpage"), "--check"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": str(python)},
+    )
+    if done.returncode == 2 and "argparse-manpage not found" in done.stderr:
+        pytest.skip(done.stderr.strip())
+    assert done.returncode == 0, done.stderr
+
+
+def test_every_command_in_help_is_in_the_man_page() -> None:
+    from calico_mount_reaper.install import MAN_PAGE
+
+    help_text = subprocess.run(
+        [sys.executable, "-m", "calico_mount_reaper", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    # Under "COMMAND", one indented line per command: "    status   list target mounts...".
+    commands = re.findall(r"(?m)^    ([a-z][a-z-]+)(?:  |$)", help_text)
+    assert {"status", "reap", "install-units", "uninstall-units"} <= set(commands)
+    page = MAN_PAGE.read_text().replace("\\-", "-")
+    for command in commands:
+        assert f"calico-mount-reaper {command}" in page, command
+    assert f'"calico-mount-reaper {VERSION}"' in page.splitlines()[0]

@@ -15,7 +15,7 @@ from pathlib import PurePosixPath
 
 import pytest
 from calico_mount_reaper.config import Config
-from calico_mount_reaper.liveness import KubeletState, Liveness
+from calico_mount_reaper.model import KubeletSource, KubeletState, Liveness
 from calico_mount_reaper.mountinfo import Mount, parse, parse_under
 from calico_mount_reaper.plan import Mode, Plan, Verdict, find_sites, plan
 from calico_mount_reaper.targets import BUILTIN_RULES, Rule, search_needles
@@ -32,8 +32,12 @@ from tests.support.strategies import (
 )
 
 CALICO, CILIUM = BUILTIN_RULES
-KUBELET_ACTIVE = KubeletState(active=True, source="dbus", detail="kubelet.service is active")
-KUBELET_STOPPED = KubeletState(active=False, source="dbus", detail="kubelet.service is inactive")
+KUBELET_ACTIVE = KubeletState(
+    active=True, source=KubeletSource.DBUS, detail="kubelet.service is active"
+)
+KUBELET_STOPPED = KubeletState(
+    active=False, source=KubeletSource.DBUS, detail="kubelet.service is inactive"
+)
 NOBODY = Liveness(kubelet=KUBELET_STOPPED)
 
 

@@ -6,10 +6,11 @@ import os
 import subprocess
 
 from calico_mount_reaper.config import Config
-from calico_mount_reaper.liveness import KubeletState, Liveness
-from calico_mount_reaper.plan import Mode, Verdict
-from calico_mount_reaper.reaper import run_pass
-from calico_mount_reaper.unmount import Result
+from calico_mount_reaper.model import KubeletSource, KubeletState, Liveness
+from calico_mount_reaper.mountinfo import parse_line
+from calico_mount_reaper.plan import Mode, Verdict, assess, find_sites
+from calico_mount_reaper.reaper import PassReport, run_pass
+from calico_mount_reaper.unmount import Outcome, Result
 
 from tests.support import node
 from tests.support.nsutil import in_namespace
@@ -79,7 +80,9 @@ def test_force_reaps_even_with_the_owner_alive() -> None:
 
 def _verdicts(kubelet: bool, mode: Mode) -> tuple[Verdict, bool, int]:
     node.build(targets=(("cgroup2", "/run/calico/cgroup"),), decoys=())
-    liveness = Liveness(kubelet=KubeletState(active=kubelet, source="process", detail="test"))
+    liveness = Liveness(
+        kubelet=KubeletState(active=kubelet, source=KubeletSource.PROCESS, detail="test")
+    )
     report = run_pass(Config(), mode, liveness=liveness)
     a = report.assessments[0]
     return a.verdict, a.reap, len(report.remaining)
@@ -115,3 +118,27 @@ def _emptied_dir_on_tmpfs() -> tuple[bool, bool]:
 def test_emptied_mount_point_directory_is_removed_on_tmpfs() -> None:
     exists, removed = in_namespace(_emptied_dir_on_tmpfs)
     assert (exists, removed) == (False, True)
+
+
+def _report_with_a_new_mount_at_the_same_path(unmounted: bool) -> PassReport:
+    """A pass that reaped (or failed to reap) a site, then saw a new target at the same path."""
+    old = parse_line("900 30 0:31 / /run/calico/cgroup rw - cgroup2 none rw", index=5)
+    new = parse_line("901 30 0:31 / /run/calico/cgroup rw - cgroup2 none rw", index=6)
+    rules = Config().rules
+    [before] = find_sites([old], rules)
+    [after] = find_sites([new], rules)
+    liveness = Liveness(kubelet=KubeletState(active=False, source=KubeletSource.PROCESS))
+    report = PassReport(Mode.NORMAL, dry_run=False)
+    report.assessments = (assess(before, liveness, Mode.NORMAL),)
+    result = Result.UNMOUNTED if unmounted else Result.FAILED
+    report.outcomes.append(Outcome(old, result, "test"))
+    report.remaining = (after,)
+    return report
+
+
+def test_a_reap_counts_even_when_the_path_is_mounted_anew_before_the_final_read() -> None:
+    # The soak test's race: the target is unmounted, and a new one lands at the same path
+    # before the pass reads the table a last time. The reap happened, and must be journaled.
+    assert len(_report_with_a_new_mount_at_the_same_path(unmounted=True).reaped) == 1
+    # Without a verified unmount of every member, the final read decides: still there.
+    assert _report_with_a_new_mount_at_the_same_path(unmounted=False).reaped == ()

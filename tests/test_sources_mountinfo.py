@@ -9,7 +9,8 @@ import time
 from dataclasses import replace
 
 from calico_mount_reaper.mountinfo import Mount
-from calico_mount_reaper.sources.mountinfo import Coalescer, MountTableWatch, diff
+from calico_mount_reaper.schedule import Coalescer
+from calico_mount_reaper.sources.mountinfo import MountTableWatch, diff
 from hypothesis import given
 from hypothesis import strategies as st
 

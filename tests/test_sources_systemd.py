@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from calico_mount_reaper import liveness
+from calico_mount_reaper.model import KubeletSource
 from calico_mount_reaper.sources.systemd import (
     BusLost,
     BusUnavailable,
@@ -24,7 +24,7 @@ from calico_mount_reaper.sources.systemd import (
     ShuttingDown,
     SystemdEvent,
     SystemdWatch,
-    unit_object_path,
+    kubelet_from_dbus,
 )
 
 from tests.support.system_bus import Bus
@@ -83,31 +83,6 @@ def events_until(
 
 def of_type(events: list[SystemdEvent], kind: type) -> list[SystemdEvent]:
     return [e for e in events if isinstance(e, kind)]
-
-
-def test_unit_object_path_escapes_like_systemd() -> None:
-    assert unit_object_path("kubelet.service") == "/org/freedesktop/systemd1/unit/kubelet_2eservice"
-    assert unit_object_path("a-b@c_d.service").endswith("/a_2db_40c_5fd_2eservice")
-    assert unit_object_path("").endswith("/_")
-    assert unit_object_path("0day.service").endswith("/_30day_2eservice")
-    assert unit_object_path("ü").endswith("/_c3_bc")  # bytes of the UTF-8 encoding
-
-
-def test_unit_object_path_matches_sd_bus_path_encode() -> None:
-    # sd_bus_path_encode is libsystemd's own escaping, reached through pystemd.
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-    from pystemd.dbuslib import path_encode
-
-    names = st.characters(blacklist_categories=("Cs",), blacklist_characters="\0")
-
-    @settings(max_examples=300, deadline=None)
-    @given(st.text(alphabet=names, max_size=40))
-    def check(name: str) -> None:
-        expected = path_encode(b"/org/freedesktop/systemd1/unit", name.encode()).decode()
-        assert unit_object_path(name) == expected
-
-    check()
 
 
 def test_connect_reads_kubelet_and_subscribes(bus: Bus, watch: SystemdWatch) -> None:
@@ -265,7 +240,7 @@ def test_no_bus_at_all_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     started = time.monotonic()
     with pytest.raises(BusUnavailable, match="nothing-here"):
         SystemdWatch().connect()
-    assert liveness.kubelet_from_dbus() is None
+    assert kubelet_from_dbus() is None
     assert time.monotonic() - started < 1.0
 
 
@@ -278,10 +253,10 @@ def test_system_bus_from_environment(bus: Bus, monkeypatch: pytest.MonkeyPatch) 
         assert bus.subscribes() == 1
     finally:
         watch.close()
-    state = liveness.kubelet_from_dbus()
-    assert state is not None and state.source == "dbus" and state.active is True
+    state = kubelet_from_dbus()
+    assert state is not None and state.source is KubeletSource.DBUS and state.active is True
     bus.tell("unitfile kubelet.service masked")
-    masked = liveness.kubelet_from_dbus()
+    masked = kubelet_from_dbus()
     assert masked is not None and masked.decommissioned
 
 

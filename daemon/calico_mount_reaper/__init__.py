@@ -1,3 +1,5 @@
-"""calico-mount-reaper: removes the cgroup2/bpf mounts Calico and Cilium leave behind."""
+"""calico-mount-reaper: removes the cgroup2/bpf mounts Calico and Cilium leave behind.
 
-__version__ = "0.1.0"
+The version lives in pyproject.toml only; `calico-mount-reaper --version` reads it from the
+installed distribution's metadata (cli.version), so an upgrade can never show a stale copy.
+"""

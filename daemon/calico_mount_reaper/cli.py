@@ -1,52 +1,107 @@
-"""Command line: status, reap, check-config, demo and run.
+"""Command line: status, reap, check-config, demo, install-units, uninstall-units and run.
 
-Exit codes (documented in the README and the man page):
-  0   no target is left mounted that this run was allowed to reap
-  1   some remain (the output says which and why)
-  2   usage error
-  77  not permitted (run as root: unmounting needs CAP_SYS_ADMIN)
-  78  configuration error (the message names the file and the key)
+Exit codes are `ExitCode` (documented in the README and the man page). With ``--json``, every
+exit prints one JSON object on stdout with ``schema``, ``exit_code`` and ``error`` (null on
+success), usage errors (2), missing privilege (77) and config errors (78) included.
 
-Heavy imports (pystemd, pyudev) happen only in the code paths that need them, so that a
-``status`` on a node with nothing to decide costs little more than reading mountinfo.
+Start-up is part of the product: ``status`` runs in install scripts and on busy nodes. So the
+parser is built per command (only the one being run gets its arguments; ``--help`` and errors
+build them all), and each command imports what it needs when it runs: pystemd, pyudev, the
+journal, the TOML parser and the unmount machinery stay out of a ``status --help``.
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 import os
 import sys
-from collections.abc import Sequence
-from functools import partial
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from calico_mount_reaper import __version__
 from calico_mount_reaper.config import Config, ConfigError, load
-from calico_mount_reaper.plan import Mode
-from calico_mount_reaper.reaper import (
-    PassReport,
-    in_host_mount_namespace,
-    journal_outcome,
-    journal_report,
-    run_pass,
-)
+from calico_mount_reaper.exitcode import ExitCode
 
 # Not typing.TYPE_CHECKING: importing typing costs 3 ms of every `status`; mypy treats any
 # name TYPE_CHECKING as true.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import logging  # the journal (and logging) load only when a reap runs under a unit
-    from typing import Any, TextIO
+    from typing import Any, NoReturn, TextIO
 
-EXIT_OK, EXIT_REMAIN, EXIT_USAGE, EXIT_NOPERM, EXIT_CONFIG = 0, 1, 2, 77, 78
+    from calico_mount_reaper.install import Result as UnitsResult
+    from calico_mount_reaper.plan import Mode
+    from calico_mount_reaper.reaper import PassReport
+
+PROG = "calico-mount-reaper"
+DISTRIBUTION = "calico-mount-reaper"
 JSON_SCHEMA_VERSION = 1
 CAP_SYS_ADMIN = 21
+MODES = ("normal", "decommission", "force", "shutdown")  # plan.Mode's values (a test checks)
 
 
-def display_path(path: str) -> str:
-    """A path safe to print as one token (see printable.py: controls, C1, raw bytes, ...)."""
-    from calico_mount_reaper.printable import display_path as escaped
+class Privilege(enum.Enum):
+    """What a command needs before it may start; checked before the config is read."""
 
-    return escaped(path)
+    NONE = "none"
+    CAP_SYS_ADMIN = "cap_sys_admin"  # unmounting: root, or a unit with the capability
+    CAP_SYS_ADMIN_UNLESS_DRY_RUN = "cap_sys_admin_unless_dry_run"
+
+
+@dataclass(frozen=True)
+class Command:
+    """One row of the command table: everything main() needs to know about a command."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    # Runs the command; gets the validated Config when loads_config, else None.
+    handler: Callable[[argparse.Namespace, Config | None], int]
+    privilege: Privilege = Privilege.NONE
+    loads_config: bool = False  # main() loads --config first (a ConfigError is exit 78)
+
+
+class UsageError(Exception):
+    """argparse's complaint, raised instead of exiting so that --json can report it."""
+
+    def __init__(self, usage: str, message: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class NotPermitted(Exception):
+    """The command lacks a privilege or a write access; the message says what to do."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.format_usage(), f"{self.prog}: error: {message}")
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter, sized from os instead of shutil.
+
+    argparse builds a formatter for every add_argument, and its default asks
+    shutil.get_terminal_size, whose import (bz2, lzma, fnmatch) costs more than the rest of the
+    parser.
+    """
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24) -> None:
+        super().__init__(prog, indent_increment, max_help_position, width=_columns())
+
+
+def _columns() -> int:
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+# --------------------------------------------------------------------------- privilege
 
 
 def has_cap_sys_admin(status_path: str = "/proc/self/status") -> bool:
@@ -57,14 +112,49 @@ def has_cap_sys_admin(status_path: str = "/proc/self/status") -> bool:
     return False
 
 
-def _mode(args: argparse.Namespace) -> Mode:
-    if getattr(args, "force", False):
-        return Mode.FORCE
-    return Mode(getattr(args, "mode", "normal"))
+def _check_privilege(command: Command, args: argparse.Namespace) -> None:
+    needs = command.privilege == Privilege.CAP_SYS_ADMIN or (
+        command.privilege == Privilege.CAP_SYS_ADMIN_UNLESS_DRY_RUN and not args.dry_run
+    )
+    if needs and not has_cap_sys_admin():
+        hint = ", or use --dry-run to see the plan" if hasattr(args, "dry_run") else ""
+        raise NotPermitted(
+            f"{command.name} needs CAP_SYS_ADMIN to unmount; run as root "
+            f"(sudo {PROG} {command.name}){hint}"
+        )
+
+
+# --------------------------------------------------------------------------- output
+
+
+def display_path(path: str) -> str:
+    """A path safe to print as one token (see printable.py: controls, C1, raw bytes, ...)."""
+    from calico_mount_reaper.printable import display_path as escaped
+
+    return escaped(path)
+
+
+def _print_json(obj: dict[str, Any]) -> None:
+    import json  # 1.5 ms: only for --json
+
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def error_json(command: str | None, code: ExitCode, message: str) -> dict[str, Any]:
+    """What --json prints for an exit that has no report: the error and what to do about it."""
+    return {
+        "schema": JSON_SCHEMA_VERSION,
+        "command": command,
+        "error": message,
+        "exit_code": int(code),
+    }
 
 
 def report_json(report: PassReport, command: str, exit_code: int) -> dict[str, Any]:
     """The stable --json schema (version 1), documented in the README."""
+    from calico_mount_reaper.reaper import in_host_mount_namespace
+
     outcomes_by_point: dict[str, list[dict[str, Any]]] = {}
     for o in report.outcomes:
         outcomes_by_point.setdefault(o.mount.mount_point, []).append(
@@ -112,8 +202,14 @@ def report_json(report: PassReport, command: str, exit_code: int) -> dict[str, A
         ],
         "removed_dirs": report.removed_dirs,
         "warnings": report.warnings,
+        "error": _remaining_error(report) if exit_code == ExitCode.REMAIN else None,
         "exit_code": exit_code,
     }
+
+
+def _remaining_error(report: PassReport) -> str:
+    points = ", ".join(display_path(s.mount_point) for s in report.unreaped)
+    return f"still mounted after the reap: {points}; see each target's actions, then rerun reap"
 
 
 def _print_table(report: PassReport, out: TextIO) -> None:
@@ -162,23 +258,31 @@ def _next_steps(report: PassReport, out: TextIO) -> None:
             out.write(f"{where}: {a.reason}; stop kubelet first, or use --force\n")
 
 
-def _warn_namespace(err: TextIO) -> None:
-    if in_host_mount_namespace() is False:
-        err.write(
+def namespace_note(in_host: bool | None) -> str | None:
+    """What a person must know about the mount namespace this runs in, if anything."""
+    if in_host is False:
+        return (
             "warning: this process is not in the host's mount namespace (PID 1's); an unmount "
-            "here would not reach the host. Run it from the host (nsenter -t 1 -m).\n"
+            "here would not reach the host. Run it from the host (nsenter -t 1 -m)."
         )
+    if in_host is None:
+        return (
+            "note: cannot tell whether this is the host's mount namespace (/proc/1/ns/mnt is "
+            "not readable); run as root to be sure an unmount reaches the host."
+        )
+    return None
 
 
 def _emit(report: PassReport, command: str, code: int, as_json: bool) -> None:
     """The report as JSON on stdout, or the table (plus what was done) for a person."""
     if as_json:
-        import json  # 1.5 ms: only for --json
-
-        json.dump(report_json(report, command, code), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        _print_json(report_json(report, command, code))
     else:
-        _warn_namespace(sys.stderr)
+        from calico_mount_reaper.reaper import in_host_mount_namespace
+
+        note = namespace_note(in_host_mount_namespace())
+        if note:
+            sys.stderr.write(note + "\n")
         _print_table(report, sys.stdout)
         if command == "reap":
             _print_outcomes(report, sys.stdout)
@@ -188,41 +292,78 @@ def _emit(report: PassReport, command: str, code: int, as_json: bool) -> None:
         sys.stderr.write(f"warning: {w}\n")
 
 
-def cmd_status(args: argparse.Namespace, config: Config) -> int:
-    _emit(run_pass(config, Mode.NORMAL, dry_run=True), "status", EXIT_OK, args.json)
-    return EXIT_OK
+# --------------------------------------------------------------------------- commands
 
 
-def cmd_reap(args: argparse.Namespace, config: Config) -> int:
-    if not args.dry_run and not has_cap_sys_admin():
-        sys.stderr.write(
-            "error: unmounting needs CAP_SYS_ADMIN; run as root (sudo calico-mount-reaper reap), "
-            "or use --dry-run to see the plan\n"
-        )
-        return EXIT_NOPERM
+def _add_status(p: argparse.ArgumentParser) -> None:
+    _add_json(p)
+
+
+def cmd_status(args: argparse.Namespace, config: Config | None) -> int:
+    from calico_mount_reaper.plan import Mode
+    from calico_mount_reaper.reaper import run_pass
+
+    assert config is not None  # the table says loads_config
+    _emit(run_pass(config, Mode.NORMAL, dry_run=True), "status", ExitCode.OK, args.json)
+    return ExitCode.OK
+
+
+def _add_reap(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="plan and report; change nothing")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
+        "--force", action="store_true", help="skip the in-use and held checks (node decommission)"
+    )
+    how.add_argument(
+        "--mode",
+        choices=MODES,
+        help="normal (default), decommission (ignore kubelet), force, shutdown",
+    )
+    _add_json(p)
+
+
+def reap_mode(args: argparse.Namespace) -> Mode:
+    from calico_mount_reaper.plan import Mode
+
+    return Mode.FORCE if args.force else Mode(args.mode or "normal")
+
+
+def cmd_reap(args: argparse.Namespace, config: Config | None) -> int:
+    from functools import partial
+
     from calico_mount_reaper import journal
+    from calico_mount_reaper.reaper import journal_outcome, run_pass
 
+    assert config is not None  # the table says loads_config
     # Run from a unit (kubelet's ExecStopPost), the decisions go to the journal as entries.
     log = None
     if not args.dry_run and journal.choose_sink(sys.stderr) is journal.Sink.JOURNAL:
         log = journal.setup()
     report = run_pass(
         config,
-        _mode(args),
+        reap_mode(args),
         dry_run=args.dry_run,
         on_outcome=None if log is None else partial(journal_outcome, log),
     )
-    if log is not None:
-        _journal_decisions(log, report)
     # Refusals (in use, held) are decisions, not failures: only an allowed reap that left
     # something mounted is exit 1.
-    code = EXIT_REMAIN if report.unreaped and not args.dry_run else EXIT_OK
+    code = ExitCode.REMAIN if report.unreaped and not args.dry_run else ExitCode.OK
+    if log is not None:
+        _journal_decisions(log, report)
+        if not args.json:
+            # Under a unit (kubelet's ExecStopPost) the entries are the output. Printed lines
+            # would land in kubelet's journal under the name of the program systemd ran
+            # (`timeout`), not under calico-mount-reaper.
+            for w in report.warnings:
+                log.warning("%s", w)
+            return code
     _emit(report, "reap", code, args.json)
     return code
 
 
 def _journal_decisions(log: logging.Logger, report: PassReport) -> None:
     from calico_mount_reaper import journal
+    from calico_mount_reaper.reaper import journal_report
 
     journal_report(log, report)
     for a in report.assessments:
@@ -240,114 +381,358 @@ def _journal_decisions(log: logging.Logger, report: PassReport) -> None:
             )
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
+def _add_check_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", nargs="?", help="file to check (default: the one in use)")
+    _add_json(p)
+
+
+def cmd_check_config(args: argparse.Namespace, _: Config | None) -> int:
     config = load(args.path or args.config)
+    if args.json:
+        targets = [
+            {
+                "name": r.name,
+                "prefix": r.prefix,
+                "fstypes": sorted(r.fstypes),
+                "owners": list(r.owners),
+                "detach_on_busy": r.detach_on_busy,
+            }
+            for r in config.rules
+        ]
+        _print_json(
+            {
+                "schema": JSON_SCHEMA_VERSION,
+                "command": "check-config",
+                "config": config.source,
+                "targets": targets,
+                "error": None,
+                "exit_code": int(ExitCode.OK),
+            }
+        )
+        return ExitCode.OK
     sys.stdout.write(f"{config.source}: OK\n")
     for rule in config.rules:
         types = ",".join(sorted(rule.fstypes))
         owners = ", ".join(rule.owners)
         sys.stdout.write(f"  target {rule.name}: {rule.prefix} ({types}) owners {owners}\n")
-    return EXIT_OK
+    return ExitCode.OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="calico-mount-reaper",
+def cmd_demo(args: argparse.Namespace, _: Config | None) -> int:
+    from calico_mount_reaper.demo import run_demo
+
+    return run_demo()
+
+
+def _add_units_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--root",
+        default="/",
+        metavar="DIR",
+        help="work under DIR instead of / (an image being built)",
+    )
+    _add_json(p)
+
+
+def _units_report(command: str, root: str, result: UnitsResult) -> None:
+    """What install-units / uninstall-units did, as JSON or as lines for a person."""
+    from pathlib import Path
+
+    labels = (
+        ("wrote", result.written),
+        ("unchanged", result.unchanged),
+        ("removed", result.removed),
+        ("refused", result.refused),
+    )
+    for label, paths in labels:
+        for p in paths:
+            sys.stdout.write(f"  {label:9} {p}\n")
+    if result.catalog:
+        sys.stdout.write(f"  catalog   {result.catalog}\n")
+    if result.refused:
+        sys.stderr.write(
+            "left alone: the files marked 'refused' were changed or put there by someone else "
+            "since install-units wrote them; remove them by hand if they are not wanted\n"
+        )
+    on_node = Path(root).resolve() == Path("/")
+    where = "Now run" if on_node else "On the node"
+    if command == "install-units":
+        sys.stdout.write(
+            f"{where}: systemctl daemon-reload && systemctl enable --now calico-mount-reaper\n"
+        )
+    elif result.removed:
+        sys.stdout.write(f"{where}: systemctl daemon-reload\n")
+
+
+def _units_json(command: str, result: UnitsResult, code: ExitCode) -> dict[str, Any]:
+    return {
+        "schema": JSON_SCHEMA_VERSION,
+        "command": command,
+        "written": result.written,
+        "unchanged": result.unchanged,
+        "removed": result.removed,
+        "refused": result.refused,
+        "catalog": result.catalog,
+        "error": None
+        if code == ExitCode.OK
+        else "some files were changed since install-units wrote them and were left alone: "
+        + ", ".join(result.refused),
+        "exit_code": int(code),
+    }
+
+
+def cmd_install_units(args: argparse.Namespace, _: Config | None) -> int:
+    from pathlib import Path
+
+    from calico_mount_reaper import install
+
+    root = Path(args.root)
+    config = install.load_config(args.config, root)
+    command = install.find_command()
+    try:
+        result = install.install(
+            root, config, command, config_path=install.node_config_path(args.config, root)
+        )
+    except PermissionError as exc:
+        raise NotPermitted(f"cannot write {exc.filename}: run as root (sudo {PROG} ...)") from None
+    code = ExitCode.REMAIN if result.refused else ExitCode.OK
+    if args.json:
+        _print_json(_units_json("install-units", result, code))
+        return code
+    where = "" if root.resolve() == Path("/") else f" under {root}"
+    sys.stdout.write(f"calico-mount-reaper units for {command}{where}:\n")
+    _units_report("install-units", args.root, result)
+    return code
+
+
+def cmd_uninstall_units(args: argparse.Namespace, _: Config | None) -> int:
+    from pathlib import Path
+
+    from calico_mount_reaper import install
+
+    root = Path(args.root)
+    try:
+        result = install.uninstall(root)
+    except install.StillEnabled as exc:
+        raise NotPermitted(
+            f"calico-mount-reaper is still enabled ({exc}); run 'systemctl disable --now "
+            "calico-mount-reaper' first, then uninstall-units"
+        ) from None
+    except PermissionError as exc:
+        raise NotPermitted(
+            f"cannot remove {exc.filename}: run as root (sudo {PROG} uninstall-units)"
+        ) from None
+    code = ExitCode.REMAIN if result.refused else ExitCode.OK
+    if args.json:
+        _print_json(_units_json("uninstall-units", result, code))
+        return code
+    if not (result.removed or result.refused):
+        sys.stdout.write(
+            f"nothing to uninstall: no record of install-units at /{install.MANIFEST}\n"
+        )
+        return code
+    sys.stdout.write("calico-mount-reaper units removed:\n")
+    _units_report("uninstall-units", args.root, result)
+    return code
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true", help="log debug detail too")
+
+
+def cmd_run(args: argparse.Namespace, _: Config | None) -> int:
+    # The daemon loads the config itself, so that a rejection lands in the journal.
+    from calico_mount_reaper.daemon import run as run_daemon
+
+    return run_daemon(args.config, args.verbose)
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help=f"machine-readable output (schema {JSON_SCHEMA_VERSION}), on errors too",
+    )
+
+
+def _no_arguments(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in (
+        Command(
+            "status",
+            "list target mounts and their verdicts",
+            _add_status,
+            cmd_status,
+            loads_config=True,
+        ),
+        Command(
+            "reap",
+            "unmount orphaned target mounts",
+            _add_reap,
+            cmd_reap,
+            Privilege.CAP_SYS_ADMIN_UNLESS_DRY_RUN,
+            loads_config=True,
+        ),
+        Command(
+            "check-config",
+            "validate a config file and show the targets",
+            _add_check_config,
+            cmd_check_config,
+        ),
+        Command(
+            "demo",
+            "reproduce the leftover-mount problem and its fix in a sandbox",
+            _no_arguments,
+            cmd_demo,
+            Privilege.CAP_SYS_ADMIN,
+        ),
+        Command(
+            "install-units",
+            "install the systemd unit, kubelet drop-in, preset and journal catalog of this "
+            "installation (idempotent; --config carries into the units)",
+            _add_units_root,
+            cmd_install_units,
+        ),
+        Command(
+            "uninstall-units",
+            "remove exactly the files install-units wrote (never one changed since)",
+            _add_units_root,
+            cmd_uninstall_units,
+        ),
+        Command(
+            "run",
+            "serve as the node daemon (a systemd Type=notify service)",
+            _add_run,
+            cmd_run,
+            Privilege.CAP_SYS_ADMIN,
+        ),
+    )
+}
+
+EPILOG = (
+    "Exit codes: 0 nothing left to reap, 1 targets remain, 2 usage, 77 not permitted "
+    "(run as root), 78 configuration error. With --json every exit prints one JSON object "
+    "with schema, exit_code and error."
+)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+class _Version(argparse.Action):
+    """--version from the installed distribution's metadata, read only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="show the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        sys.stdout.write(f"{PROG} {version()}\n")
+        parser.exit()
+
+
+def version() -> str:
+    """The installed version (what pip, dpkg or rpm put there), never a copy in the source."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version(DISTRIBUTION)
+    except PackageNotFoundError:
+        return "unknown (not installed: run from a source tree without pip install)"
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, the other commands are listed but get no arguments.
+
+    Building a command's arguments costs argparse time on every run; a run needs one command's.
+    The man page and --help use the full parser (``only=None``).
+    """
+    parser = _Parser(
+        prog=PROG,
         description="Find and safely unmount the cgroup2/bpf mounts that Calico and Cilium "
         "leave behind.",
-        epilog="Exit codes: 0 nothing left to reap, 1 targets remain, 2 usage, "
-        "77 not permitted (run as root), 78 configuration error.",
+        epilog=EPILOG,
+        formatter_class=_Formatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_Version)
     config_help = (
         "config file (default: $CALICO_MOUNT_REAPER_CONFIG, else "
         "/etc/calico-mount-reaper/config.toml if present, else built-in defaults)"
     )
     parser.add_argument("--config", metavar="PATH", help=config_help)
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help=f"machine-readable output (schema {JSON_SCHEMA_VERSION}), on errors too",
+    )
     # Accepted after the command too ("reap --config X"), as people type it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False, formatter_class=_Formatter)
     common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-
-    def add(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, parents=[common])
-
-    status = add("status", help="list target mounts and their verdicts")
-    status.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
-
-    reap = add("reap", help="unmount orphaned target mounts")
-    reap.add_argument("--dry-run", action="store_true", help="plan and report; change nothing")
-    reap.add_argument(
-        "--force", action="store_true", help="skip the in-use and held checks (node decommission)"
-    )
-    reap.add_argument(
-        "--mode",
-        choices=[m.value for m in Mode],
-        default="normal",
-        help="normal (default), decommission (ignore kubelet), force, shutdown",
-    )
-    reap.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
-
-    check = add("check-config", help="validate a config file and show the targets")
-    check.add_argument("path", nargs="?", help="file to check (default: the one in use)")
-
-    add("demo", help="reproduce the leftover-mount problem and its fix in a sandbox")
-
-    units = add(
-        "install-units",
-        help="install the systemd unit, kubelet drop-in, preset and "
-        "journal catalog of this installation (idempotent)",
-    )
-    units.add_argument(
-        "--root",
-        default="/",
-        metavar="DIR",
-        help="install under DIR instead of / (an image being built)",
-    )
-
-    run = add("run", help="serve as the node daemon (a systemd Type=notify service)")
-    run.add_argument("--verbose", action="store_true", help="log debug detail too")
+    for command in COMMANDS.values():
+        p = sub.add_parser(
+            command.name, help=command.help, parents=[common], formatter_class=_Formatter
+        )
+        if only is None or only == command.name:
+            command.add_arguments(p)
     return parser
 
 
+def command_named_in(argv: Sequence[str]) -> str | None:
+    """The command word in ``argv``, found the way the top-level parser will find it."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--config":
+            i += 2
+        elif word.startswith("-"):
+            i += 1
+        else:
+            return word if word in COMMANDS else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = command_named_in(argv)
+    as_json = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
-        return int(exc.code or 0)
-    try:
-        if args.command == "check-config":
-            return cmd_check_config(args)
-        if args.command == "demo":
-            from calico_mount_reaper.demo import run_demo
-
-            return run_demo()
-        if args.command == "install-units":
-            from calico_mount_reaper.install import main as install_units
-
-            return install_units(args.root, args.config)
-        if args.command == "run":
-            if not has_cap_sys_admin():
-                sys.stderr.write(
-                    "error: the daemon needs CAP_SYS_ADMIN to unmount; run it as "
-                    "root (the packaged unit does)\n"
-                )
-                return EXIT_NOPERM
-            from calico_mount_reaper.daemon import run as run_daemon
-
-            return run_daemon(args.config, args.verbose)
-        config = load(args.config)
-        if args.command == "status":
-            return cmd_status(args, config)
-        return cmd_reap(args, config)
-    except ConfigError as exc:
-        sys.stderr.write(
-            f"config error: {exc}\nNothing was unmounted. Fix the file and rerun "
-            "'calico-mount-reaper check-config'.\n"
-        )
-        return EXIT_CONFIG
+        try:
+            args = build_parser(only=name).parse_args(argv)
+        except SystemExit as exc:  # --help, --version
+            return int(exc.code or 0)
+        command = COMMANDS[args.command]
+        _check_privilege(command, args)
+        config = None
+        if command.loads_config:
+            config = load(args.config)
+        return command.handler(args, config)
+    except UsageError as exc:
+        return _fail(name, ExitCode.USAGE, str(exc), as_json, usage=exc.usage)
+    except NotPermitted as exc:
+        return _fail(name, ExitCode.NOT_PERMITTED, f"error: {exc}", as_json)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
+        return ExitCode.OK
+    except ConfigError as exc:
+        return _fail(
+            name,
+            ExitCode.CONFIG,
+            f"config error: {exc}\nNothing was unmounted. Fix the file and rerun "
+            f"'{PROG} check-config'.",
+            as_json,
+        )
+
+
+def _fail(command: str | None, code: ExitCode, message: str, as_json: bool, usage: str = "") -> int:
+    if as_json:
+        _print_json(error_json(command, code, message))
+    else:
+        sys.stderr.write(usage + message + "\n")
+    return code

@@ -16,9 +16,9 @@ Example (every key optional)::
     metrics_path = ""          # node_exporter textfile, e.g. /var/lib/node_exporter/reaper.prom
 
     [[target]]
-    name = "calico-custom"     # CALICO_CGROUP_PATH moved elsewhere
+    name = "calico-custom"     # CALICO_CGROUP_PATH moved elsewhere; names are unique
     prefix = "/var/run/calico-custom"
-    fstypes = ["cgroup2"]
+    fstypes = ["cgroup2"]      # any of cgroup2, cgroup, bpf (FSTYPES)
     owners = ["calico-node"]
     detach_on_busy = true
 """
@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 DEFAULT_PATH = "/etc/calico-mount-reaper/config.toml"
 ENV_VAR = "CALICO_MOUNT_REAPER_CONFIG"
 REAP_ON_STOP_CHOICES = ("shutdown", "always", "never")
+# The filesystems Calico and Cilium leave behind. A target of any other type (ext4, tmpfs...)
+# would make the reaper unmount a node's real storage on a typo, so none is accepted.
+FSTYPES = ("cgroup2", "cgroup", "bpf")
 
 
 class ConfigError(Exception):
@@ -89,7 +92,7 @@ def _number(minimum: float) -> Callable[[str, str, Any], float]:
 def _integer(source: str, key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(source, key, f"expected a whole number >= 0, got {value!r}")
-    return value
+    return int(value)  # an int already: int() tells mypy so (value is Any)
 
 
 def _boolean(source: str, key: str, value: Any) -> bool:
@@ -158,10 +161,19 @@ def _parse_rule(source: str, index: int, table: Any) -> Rule:
         raise ConfigError(
             source, f"{where}.prefix", f"{prefix!r} is on the hard deny-list and is never reaped"
         )
+    fstypes = _string_list(source, f"{where}.fstypes", table["fstypes"])
+    others = [t for t in fstypes if t not in FSTYPES]
+    if others:
+        raise ConfigError(
+            source,
+            f"{where}.fstypes",
+            f"{others[0]!r} is not reaped: expected only {', '.join(FSTYPES)} "
+            "(the filesystems Calico and Cilium leave behind)",
+        )
     return Rule(
         name=name,
         prefix=norm,
-        fstypes=frozenset(_string_list(source, f"{where}.fstypes", table["fstypes"])),
+        fstypes=frozenset(fstypes),
         owners=_string_list(source, f"{where}.owners", table["owners"]),
         detach_on_busy=_boolean(
             source, f"{where}.detach_on_busy", table.get("detach_on_busy", True)
@@ -186,7 +198,26 @@ def from_mapping(data: Mapping[str, Any], source: str) -> Config:
     )
     if not rules:
         raise ConfigError(source, "builtin_targets", "no targets left: add a [[target]]")
+    _refuse_duplicate_names(source, rules, builtin)
     return replace(Config(), rules=rules, source=source, **values)
+
+
+def _refuse_duplicate_names(source: str, rules: tuple[Rule, ...], builtin: bool) -> None:
+    """A name is how the journal (TARGET=) and --json tell rules apart: two alike would lie."""
+    first: dict[str, int] = {}
+    offset = len(BUILTIN_RULES) if builtin else 0
+    for i, rule in enumerate(rules):
+        if rule.name not in first:
+            first[rule.name] = i
+            continue
+        earlier = first[rule.name]
+        what = "a built-in target" if earlier < offset else f"target[{earlier - offset}]"
+        hint = " (or set builtin_targets = false)" if earlier < offset else ""
+        raise ConfigError(
+            source,
+            f"target[{i - offset}].name",
+            f"{rule.name!r} is already the name of {what}; give each target its own name{hint}",
+        )
 
 
 def _trusted_owner(uid: int) -> bool:
@@ -294,10 +325,23 @@ def load_file(path: str) -> Config:
 
 
 def resolve_path(explicit: str | None, environ: Mapping[str, str]) -> str | None:
-    """--config wins, then the env var (both must exist), then the default file if present."""
-    if explicit:
+    """--config wins, then the env var (both must exist), then the default file if present.
+
+    An empty --config or env var is refused rather than read as "not set": someone meant to
+    name a file, and running on the defaults instead would be a silent surprise.
+    """
+    if explicit is not None:
+        if not explicit:
+            raise ConfigError("--config", None, "is empty: name a config file")
         return explicit
-    if environ.get(ENV_VAR):
+    if ENV_VAR in environ:
+        if not environ[ENV_VAR]:
+            raise ConfigError(
+                f"${ENV_VAR}",
+                None,
+                "is set but empty: name a config file, or unset it to use "
+                f"{DEFAULT_PATH} (if present) or the built-in defaults",
+            )
         return environ[ENV_VAR]
     return DEFAULT_PATH if os.path.lexists(DEFAULT_PATH) else None
 

@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 from calico_mount_reaper import mountinfo
 from calico_mount_reaper.config import Config
-from calico_mount_reaper.liveness import Liveness
+from calico_mount_reaper.exitcode import ExitCode
+from calico_mount_reaper.model import Liveness
 from calico_mount_reaper.plan import Mode
 from calico_mount_reaper.reaper import run_pass
 
@@ -140,7 +141,7 @@ def run_demo() -> int:
         sys.stderr.write(
             "demo: needs root to make mounts in its sandbox; run: sudo calico-mount-reaper demo\n"
         )
-        return 77
+        return ExitCode.NOT_PERMITTED
     cgroup = os.path.join(_unified_hierarchy(), f"calico-mount-reaper-demo.{os.getpid()}")
     os.mkdir(cgroup)
     try:

@@ -11,16 +11,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from calico_mount_reaper.model import SiteKey
 from calico_mount_reaper.plan import Assessment, Site
 
 
-def site_key(site: Site) -> tuple[str, tuple[int, ...]]:
+def site_key(site: Site) -> SiteKey:
     return site.mount_point, tuple(sorted(m.mount_id for m in site.roots))
 
 
 @dataclass(frozen=True)
 class GraceTimers:
-    since: Mapping[tuple[str, tuple[int, ...]], float] = field(default_factory=dict)
+    since: Mapping[SiteKey, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ def decide(
     immediate: bool = False,
 ) -> GraceDecision:
     """Start, keep or drop each site's timer; ``immediate`` skips the wait (decommission)."""
-    since: dict[tuple[str, tuple[int, ...]], float] = {}
+    since: dict[SiteKey, float] = {}
     due: list[Assessment] = []
     deadlines: list[float] = []
     for a in assessments:

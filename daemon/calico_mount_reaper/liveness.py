@@ -2,7 +2,8 @@
 
 *In use* means an owner process of the rule is alive anywhere on the node; *held* means
 kubelet.service is active. The process scan reads ``/proc/*/comm`` and argv[0], which sees
-every PID namespace when run from the host's. kubelet is asked over D-Bus when a system bus
+every PID namespace when run from the host's; an exited process that its parent has not
+collected yet is gone, not alive. kubelet is asked over D-Bus when a system bus
 exists; without one, a running ``kubelet`` process counts, and the state says which way was
 used so that operators can tell a guess from an answer.
 """
@@ -10,54 +11,10 @@ used so that operators can tell a guess from an answer.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 
-# /proc/<pid>/comm holds at most 15 bytes of the executable's name.
-COMM_LEN = 15
-
-
-def _comm_of(name: str) -> str:
-    """What /proc/<pid>/comm shows, decoded like read_process does, for an executable ``name``."""
-    return name.encode()[:COMM_LEN].decode("utf-8", "replace")
-
-
-@dataclass(frozen=True)
-class Process:
-    pid: int
-    comm: str
-    argv0: str  # basename of argv[0]; "" for kernel threads and zombies
-
-    def is_named(self, name: str) -> bool:
-        # A long name only shows truncated in comm; matching the prefix errs towards "in use".
-        # The kernel truncates bytes, not characters (maybe inside a UTF-8 sequence), and
-        # read_process decodes comm with "replace": truncate and decode the name the same way.
-        return self.argv0 == name or self.comm == _comm_of(name)
-
-
-@dataclass(frozen=True)
-class KubeletState:
-    """``active`` is None when it could not be learned at all."""
-
-    active: bool | None
-    source: str  # "dbus", "process" or "none"
-    unit_file_state: str = ""  # enabled, disabled, masked, ... (D-Bus only)
-    load_state: str = ""  # loaded, not-found, masked, ... (D-Bus only)
-    detail: str = ""
-
-    @property
-    def decommissioned(self) -> bool:
-        """kubelet.service was disabled, masked or removed: the node is leaving the cluster."""
-        return self.source == "dbus" and (
-            self.load_state in ("not-found", "masked")
-            or self.unit_file_state in ("disabled", "masked", "masked-runtime")
-        )
-
-
-@dataclass(frozen=True)
-class Liveness:
-    owners: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # name -> live PIDs
-    kubelet: KubeletState = KubeletState(active=False, source="none")
+from calico_mount_reaper.model import KubeletSource, KubeletState, Liveness, Process
+from calico_mount_reaper.sources.systemd import kubelet_from_dbus
 
 
 def find_owners(processes: Iterable[Process], names: Iterable[str]) -> dict[str, tuple[int, ...]]:
@@ -85,14 +42,37 @@ def _read_head(path: str, size: int) -> bytes:
 
 
 def read_process(pid: int, proc_root: str = "/proc") -> Process | None:
-    """One process's names, or None if it is gone (a race with exit is normal here)."""
+    """One live process's names, or None if it is gone (a race with exit is normal here).
+
+    Exited counts as gone even before its parent collects it: a zombie keeps its comm, so
+    counting it would keep its mount "in use", and its pidfd would report the exit again at
+    every look, spinning the daemon for as long as the parent takes to reap it.
+    """
     base = f"{proc_root}/{pid}"
     try:
         comm = _read_head(f"{base}/comm", 64).rstrip(b"\n").decode("utf-8", "replace")
-        argv0 = _read_head(f"{base}/cmdline", 4096).split(b"\0", 1)[0].decode("utf-8", "replace")
+        cmdline = _read_head(f"{base}/cmdline", 4096)
+        # An exited process has no memory left to show a command line, so only an empty one
+        # (that, or a kernel thread) costs the read of its state: stat is the dearer file
+        # (9.8 against 6.5 us for comm, median per process on Linux 6.18).
+        if not cmdline and _exited(_read_head(f"{base}/stat", 512)):
+            return None
     except OSError:
         return None
+    argv0 = cmdline.split(b"\0", 1)[0].decode("utf-8", "replace")
     return Process(pid, comm, os.path.basename(argv0))
+
+
+def _exited(stat: bytes) -> bool:
+    """State Z (zombie) or X (dead) with no thread left, from /proc/<pid>/stat.
+
+    A thread-group leader that called exit(2) alone also shows Z while its other threads run
+    (measured on Linux 6.18: Z with num_threads 2); that process is alive, and its pidfd stays
+    quiet until the last thread exits, so it costs no wake either.
+    """
+    # "pid (comm) state ppid ...": comm may hold spaces and ")", so split at the last ") ".
+    fields = stat.rpartition(b") ")[2].split()
+    return fields[0] in (b"Z", b"X") and int(fields[17]) <= 1
 
 
 def scan_processes(proc_root: str = "/proc") -> Iterator[Process]:
@@ -108,27 +88,7 @@ def kubelet_from_processes(processes: Iterable[Process]) -> KubeletState:
     """The fallback without a system bus: a running kubelet process counts as active."""
     pids = find_owners(processes, ["kubelet"]).get("kubelet", ())
     detail = f"no system bus; kubelet process {'pid ' + str(pids[0]) if pids else 'not found'}"
-    return KubeletState(active=bool(pids), source="process", detail=detail)
-
-
-def kubelet_from_dbus(unit: str = "kubelet.service") -> KubeletState | None:
-    """Ask systemd over the system bus; None when there is no bus (or no systemd) to ask."""
-    try:
-        from pystemd.dbusexc import DBusBaseError
-        from pystemd.dbuslib import DBus
-    except ImportError:
-        return None
-    # Imported here: the D-Bus protocol lives with the systemd event source, which imports us.
-    from calico_mount_reaper.sources.systemd import query_kubelet
-
-    bus = DBus()
-    try:
-        bus.open()
-        return query_kubelet(bus, unit)
-    except DBusBaseError:
-        return None
-    finally:
-        bus.close()  # also right after a failed open(): sd-bus accepts closing a NULL bus
+    return KubeletState(active=bool(pids), source=KubeletSource.PROCESS, detail=detail)
 
 
 def system_bus_present() -> bool:

@@ -8,6 +8,12 @@ A thin layer over the ``sdnotify`` package (0.3.1 and 0.3.2 have the same code).
 - sdnotify encodes Latin-1 and raises on anything else; STATUS= is meant as one ASCII line, so
   status texts (which may quote odd mount point names) are sanitized here.
 - ``@name`` addresses (abstract namespace) are translated by sdnotify itself.
+- STATUS= goes out only when its text changes: the daemon sets it after every event, and PID 1
+  has to parse every message, including while it is busy with a daemon-reload.
+- A full socket queue (EAGAIN: PID 1 busy, typically during a package upgrade's daemon-reload)
+  is not an outage. The message is kept and merged into the next one; READY=1 and STOPPING=1,
+  which PID 1 must not miss, are also retried for a short while before returning. None of this
+  is logged as a warning: it is normal, and it passes.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 
 from sdnotify import SystemdNotifier
 
@@ -23,6 +30,10 @@ log = logging.getLogger(__name__)
 
 _WHITESPACE = re.compile(r"[\t\n\r\v\f]+")
 _NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]")
+# Waits before each retry of a message PID 1 must see (READY=1, STOPPING=1) on a full queue:
+# 0.75 s in all, well inside TimeoutStartSec/TimeoutStopSec.
+URGENT_RETRY_DELAYS = (0.01, 0.04, 0.2, 0.5)
+_URGENT = ("READY", "STOPPING")
 
 
 def ascii_line(text: str) -> str:
@@ -51,10 +62,14 @@ def watchdog_interval(
 class Notifier:
     """Sends notifications to the service manager named by NOTIFY_SOCKET, if any."""
 
-    def __init__(self) -> None:
+    def __init__(self, sleep: Callable[[float], None] = time.sleep) -> None:
         self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
         self._notifier: SystemdNotifier | None = None
         self._failing = False
+        self._sleep = sleep
+        self._sent_status: str | None = None  # the STATUS= text PID 1 has
+        # Not yet delivered (queue full): variable -> value, in order, merged with what follows.
+        self._pending: dict[str, str] = {}
 
     def ready(self, status: str | None = None) -> None:
         self._send("READY=1", status)
@@ -77,27 +92,54 @@ class Notifier:
     def _send(self, assignment: str | None, status: str | None) -> None:
         if not self.enabled:
             return
-        lines = [assignment] if assignment else []
+        if assignment:
+            name, _, value = assignment.partition("=")
+            self._pending[name] = value
         if status is not None:
-            lines.append(f"STATUS={ascii_line(status)}")
-        try:
-            if self._notifier is None:
-                self._notifier = SystemdNotifier(debug=True)
-                # A service manager that does not read its socket must not freeze our loop:
-                # a full queue makes sendto fail with EAGAIN (logged, dropped) instead.
-                self._notifier.socket.setblocking(False)
-            self._notifier.notify("\n".join(lines))
-        except OSError as exc:
-            self._drop()
-            if not self._failing:
-                self._failing = True
-                log.warning(
-                    "cannot notify the service manager at %s: %s",
-                    os.environ.get("NOTIFY_SOCKET"),
-                    exc,
-                )
+            line = ascii_line(status)
+            if line != self._sent_status:
+                self._pending["STATUS"] = line
+            else:
+                self._pending.pop("STATUS", None)  # PID 1 already shows it
+        if not self._pending:
             return
+        urgent = any(name in self._pending for name in _URGENT)
+        for delay in (*URGENT_RETRY_DELAYS, None) if urgent else (None,):
+            try:
+                self._deliver()
+                return
+            except BlockingIOError:
+                if delay is None:
+                    log.debug("service manager busy (notify queue full); sending with the next")
+                    return
+                self._sleep(delay)
+            except OSError as exc:
+                self._outage(exc)
+                return
+
+    def _deliver(self) -> None:
+        if self._notifier is None:
+            self._notifier = SystemdNotifier(debug=True)
+            # A service manager that does not read its socket must not freeze our loop: a
+            # full queue makes sendto fail with EAGAIN (kept for later) instead.
+            self._notifier.socket.setblocking(False)
+        self._notifier.notify("\n".join(f"{k}={v}" for k, v in self._pending.items()))
+        self._sent_status = self._pending.get("STATUS", self._sent_status)
+        self._pending.clear()
         self._failing = False
+
+    def _outage(self, exc: OSError) -> None:
+        """The socket is gone or refuses: warn once per outage, and reconnect next time."""
+        self._drop()
+        self._pending.clear()  # a new manager (or none) will not want the old messages
+        self._sent_status = None  # nor does it know our status
+        if not self._failing:
+            self._failing = True
+            log.warning(
+                "cannot notify the service manager at %s: %s",
+                os.environ.get("NOTIFY_SOCKET"),
+                exc,
+            )
 
     def _drop(self) -> None:
         """Forget the connection so the next message connects again (the socket may come back)."""

@@ -15,11 +15,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from calico_mount_reaper.config import Config
-from calico_mount_reaper.liveness import Liveness
+from calico_mount_reaper.model import Liveness
 from calico_mount_reaper.mountinfo import Mount
 from calico_mount_reaper.targets import Rule, is_denied, normalize_path, rule_for
+
+if TYPE_CHECKING:  # the type only: loading a config reads files, and the plan reads none
+    from calico_mount_reaper.config import Config
 
 # Filesystems a lazy detach is fine for: no data to flush, nothing to lose.
 DETACHABLE_FSTYPES = frozenset({"cgroup2", "bpf"})
@@ -161,7 +164,7 @@ def assess(site: Site, liveness: Liveness, mode: Mode) -> Assessment:
         verdict, reason = Verdict.HELD, "held: kubelet's state is unknown"
     else:
         verdict, reason = Verdict.ORPHANED, f"orphaned: no {'/'.join(site.rule.owners)} running"
-        reason += f" and kubelet is not active ({kubelet.detail or kubelet.source})"
+        reason += f" and kubelet is not active ({kubelet.detail or kubelet.source.value})"
     reap = {
         Mode.NORMAL: verdict is Verdict.ORPHANED,
         Mode.DECOMMISSION: verdict is not Verdict.IN_USE,

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from calico_mount_reaper import mountinfo
 from calico_mount_reaper.config import Config
-from calico_mount_reaper.liveness import Liveness, observe
+from calico_mount_reaper.liveness import observe
+from calico_mount_reaper.model import Liveness
 from calico_mount_reaper.plan import Action, Assessment, Mode, Site, find_sites, plan
 from calico_mount_reaper.resolve import Expected
 from calico_mount_reaper.targets import search_needles
@@ -50,9 +51,24 @@ class PassReport:
 
     @property
     def reaped(self) -> tuple[Assessment, ...]:
-        """Sites this pass was allowed to reap that the final read no longer shows."""
+        """Sites this pass was allowed to reap that are gone.
+
+        Gone means the final read shows no site at the mount point, or every member of the site
+        was unmounted by this pass, each checked against the exact planned mount first. The
+        final read alone would miss a reap when a target is mounted anew at the same path
+        before that read: the new mount is another site, and must not hide the one we reaped.
+        """
+        done = {(o.mount.mount_id, o.mount.unique_id) for o in self.outcomes if o.result.ok}
         still = {s.mount_point for s in self.remaining}
-        return tuple(a for a in self.assessments if a.reap and a.site.mount_point not in still)
+        return tuple(
+            a
+            for a in self.assessments
+            if a.reap
+            and (
+                a.site.mount_point not in still
+                or all((m.mount_id, m.unique_id) in done for m in a.site.members)
+            )
+        )
 
     @property
     def unreaped(self) -> tuple[Site, ...]:

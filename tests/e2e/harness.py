@@ -192,40 +192,52 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CMR_E2E_CACHE") or DEFAULT_CACHE_DIR)
 
 
-def rootfs_key() -> str:
+def rootfs_key(suite: str = SUITE, packages: Sequence[str] = PACKAGES) -> str:
     """Names the tarball after what went into it, so a changed package list rebuilds."""
-    spec = f"{ROOTFS_RECIPE_VERSION} {SUITE} minbase {','.join(sorted(PACKAGES))}"
+    spec = f"{ROOTFS_RECIPE_VERSION} {suite} minbase {','.join(sorted(set(packages)))}"
     return hashlib.sha256(spec.encode()).hexdigest()[:12]
 
 
-def ensure_rootfs_tarball(cache: Path | None = None) -> Path:
+def ensure_rootfs_tarball(
+    cache: Path | None = None,
+    suite: str = SUITE,
+    packages: Sequence[str] = PACKAGES,
+    variant: str = "",
+) -> Path:
     """Return the cached rootfs tarball, building it first if this machine has none.
 
     flock serialises concurrent pytest processes: the second one waits and then finds the
     tarball the first one renamed into place (the rename makes a half-written one invisible).
+    ``suite`` is the Debian release (bookworm by default; trixie for Debian 13 with systemd 257),
+    ``packages`` what goes into it; each combination is a tarball of its own. ``variant`` names a
+    package set (e.g. "fleet" for sshd nodes) whose older builds may be replaced by a newer one,
+    so that suites with different needs never evict each other's cache.
     """
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    tarball = cache / f"rootfs-{SUITE}-{rootfs_key()}.tar.zst"
+    stem = f"rootfs-{suite}-{variant}-" if variant else f"rootfs-{suite}-"
+    tarball = cache / f"{stem}{rootfs_key(suite, packages)}.tar.zst"
     with open(cache / "rootfs.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if tarball.exists():
             return tarball
         if shutil.which("debootstrap") is None:
             raise Unavailable(f"no cached rootfs at {tarball} and debootstrap is not installed")
-        mirror = host_mirror()
-        _check_reachable(mirror, tarball)
+        mirror = host_mirror()  # the host's Debian mirror carries every suite
+        _check_reachable(mirror, tarball, suite)
         started = time.monotonic()
-        _build_tarball(mirror, tarball)
-        record("rootfs cold build", time.monotonic() - started)
-        for stale in cache.glob(f"rootfs-{SUITE}-*.tar.zst"):
-            if stale != tarball:
-                stale.unlink()
+        _build_tarball(mirror, tarball, suite, packages)
+        record(f"rootfs cold build ({suite} {variant or 'default'})", time.monotonic() - started)
+        # An older build of the same suite and variant (or default set); other package sets stay.
+        if variant or packages is PACKAGES:
+            for stale in cache.glob(f"{stem}{'?' * 12}.tar.zst"):
+                if stale != tarball:
+                    stale.unlink()
     return tarball
 
 
-def _check_reachable(mirror: str, tarball: Path) -> None:
-    url = f"{mirror}/dists/{SUITE}/Release"
+def _check_reachable(mirror: str, tarball: Path, suite: str = SUITE) -> None:
+    url = f"{mirror}/dists/{suite}/Release"
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=15):
             pass
@@ -236,22 +248,32 @@ def _check_reachable(mirror: str, tarball: Path) -> None:
         ) from exc
 
 
-def _build_tarball(mirror: str, tarball: Path) -> None:
+def _build_tarball(
+    mirror: str, tarball: Path, suite: str = SUITE, packages: Sequence[str] = PACKAGES
+) -> None:
     build = Path(tempfile.mkdtemp(prefix="build.", dir=tarball.parent))
     partial = tarball.with_suffix(".partial")
     try:
         root = build / "rootfs"
         log = build / "debootstrap.log"
         with open(log, "w") as out:
+            # debootstrap mounts /proc and /sys inside the target: in a private mount namespace,
+            # so that those mounts never appear in (or leak into) the host's mount table.
+            # debootstrap's own dependency handling copes with the default set only (lintian's
+            # perl stack fails in its configure pass): anything more is apt's job, in a chroot.
+            extra = [p for p in packages if p not in PACKAGES]
+            base = [p for p in packages if p in PACKAGES]
+            script = 'debootstrap --variant=minbase --include="$1" "$2" "$3" "$4"'
+            if extra:
+                script += (
+                    ' && mount -t proc proc "$3/proc" && cp /etc/resolv.conf "$3/etc/resolv.conf"'
+                    ' && chroot "$3" apt-get update -q'
+                    ' && DEBIAN_FRONTEND=noninteractive chroot "$3" apt-get install -y -q'
+                    ' --no-install-recommends $5 && chroot "$3" apt-get clean'
+                )
+            args = [",".join(base), suite, str(root), mirror, " ".join(extra)]
             done = subprocess.run(
-                [
-                    "debootstrap",
-                    "--variant=minbase",
-                    f"--include={','.join(PACKAGES)}",
-                    SUITE,
-                    str(root),
-                    mirror,
-                ],
+                ["unshare", "-m", "--propagation", "private", "sh", "-ec", script, "sh", *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -287,7 +309,7 @@ def _build_tarball(mirror: str, tarball: Path) -> None:
             partial.unlink()
 
 
-def lower_dir(fallback: Path) -> Path:
+def lower_dir(fallback: Path, suite: str = SUITE, variant: str = "") -> Path:
     """Where this process restores its lower layer: in RAM when there is room, else ``fallback``.
 
     Unpacking 270 MB to this machine's disk costs ~3.5 s of kernel time against ~0.4 s on tmpfs.
@@ -297,11 +319,16 @@ def lower_dir(fallback: Path) -> Path:
     shm = Path("/dev/shm")
     if _fstype(str(shm)) != "tmpfs" or shutil.disk_usage(shm).free < 2 * 1024**3:
         return fallback
-    for stale in shm.glob("cmr-e2e-rootfs.*"):
+    base = (
+        "cmr-e2e-rootfs"
+        + ("" if suite == SUITE else f"-{suite}")
+        + (f"-{variant}" if variant else "")
+    )
+    for stale in shm.glob(f"{base}.*"):
         owner = stale.suffix.lstrip(".")
         if owner.isdigit() and not Path(f"/proc/{owner}").exists():
             shutil.rmtree(stale, ignore_errors=True)
-    return shm / f"cmr-e2e-rootfs.{os.getpid()}"
+    return shm / f"{base}.{os.getpid()}"
 
 
 def restore_rootfs(tarball: Path, dest: Path) -> Path:

@@ -73,7 +73,14 @@ def test_deb_installs_enabled_reaps_an_orphaned_stack_and_removes_cleanly(
     assert all(p.startswith("/usr/lib/python3/dist-packages/") for p in deps), deps
     # The postinst's daemon-reload made systemd read the kubelet drop-in.
     dropins = c.run(["systemctl", "show", "-P", "DropInPaths", "kubelet.service"]).stdout
-    assert "/lib/systemd/system/kubelet.service.d/50-calico-mount-reaper.conf" in dropins
+    assert "/lib/systemd/system/kubelet.service.d/50-calico-mount-reaper.conf" in dropins, dropins
+    # ... and the reap it runs when kubelet stops journals under the reaper's own name, never as
+    # the `timeout` wrapper in kubelet's journal.
+    c.run(["systemctl", "start", "kubelet.service"])
+    c.run(["systemctl", "stop", "kubelet.service"])
+    by_name = c.journal("-o", "json", "-u", "kubelet.service").splitlines()
+    names = {json.loads(e).get("SYSLOG_IDENTIFIER") for e in by_name if e}
+    assert "timeout" not in names, names
 
     # A stacked Calico mount (cgroup2 / tmpfs / cgroup2) with no owner and kubelet inactive.
     started = time.monotonic()

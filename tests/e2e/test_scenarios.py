@@ -281,7 +281,7 @@ def test_poweroff_with_the_owner_running_reaps_before_the_reaper_stops(boot: Boo
     c.wait_for(lambda: reaper_events(c, "VERDICT", RESULT="refused"), what="refusal")
     pid1_tracks(c, CALICO)
     # No pause here: systemd 252 re-reads the mount table at most 5 times a second, and the
-    # daemon's final reap waits until PID 1 has seen its unmounts (daemon._wait_for_pid1).
+    # daemon's final reap waits until PID 1 has seen its unmounts (daemon.wait_for_pid1).
     assert c.poweroff() == 0, c.console_log[-3000:]
 
     lines = c.journal("-o", "short-monotonic").splitlines()
@@ -463,3 +463,64 @@ def test_journal_has_message_ids_fields_and_catalog_text(boot: Boot, tmp_path: P
     assert not mounts_at(c, CALICO)
     operator("journalctl -u calico-mount-reaper --no-pager -o short")
     (tmp_path / "operator-transcript.txt").write_text("\n".join(transcript))
+
+
+# --------------------------------------------------------------------------- bus outages
+
+
+@pytest.mark.parametrize("outage", ["systemctl restart dbus", "systemctl daemon-reexec"])
+def test_after_a_bus_outage_a_kubelet_stop_is_still_seen_over_d_bus(
+    boot: Boot, outage: str
+) -> None:
+    # The kubelet drop-in is masked (an empty file of the same name in /etc wins), so nothing
+    # reaps on kubelet's stop but the daemon, and only if it hears the stop over D-Bus.
+    # kubelet runs under its own name, as on a node: while the bus is down the daemon judges
+    # kubelet by its process, and must still see it held.
+    masked = f"/etc/systemd/system/{install.KUBELET_DROPIN}"
+    named = "/etc/systemd/system/kubelet.service.d/10-named.conf"
+    run_as_kubelet = (
+        '[Service]\nExecStart=\nExecStart=/bin/bash -c "exec -a kubelet sleep infinity"\n'
+    )
+    c = booted(boot, grace=0.5, **{masked: "", named: run_as_kubelet})
+    assert (
+        c.run(["systemctl", "show", "-P", "ExecStopPost", "kubelet.service"]).stdout.strip() == ""
+    )
+    c.run(f"mkdir -p {CALICO} && mount -t cgroup2 none {CALICO}")
+    c.wait_for(
+        lambda: [
+            e
+            for e in reaper_events(c, "VERDICT", MOUNT_POINT=CALICO)
+            if e["REASON"].startswith("held: kubelet is active (kubelet.service is active")
+        ],
+        what="a 'held' verdict from systemd's answer",
+    )
+    connects = len(_bus_connects(c))
+
+    c.run(outage)
+    c.wait_for(lambda: active(c, "dbus.service") == "active", what="dbus back")
+    back = time.monotonic()
+    if outage.endswith("restart dbus"):
+        # The daemon lost its connection: it must be back on the bus within 10 s.
+        c.wait_for(lambda: len(_bus_connects(c)) > connects, timeout=15, what="reconnect")
+        assert time.monotonic() - back < 10, c.journal("-u", UNIT)
+
+    time.sleep(1)  # two grace periods: the outage alone must reap nothing
+    assert not reaper_events(c, "REAPED"), c.journal("-u", UNIT)
+    assert len(mounts_at(c, CALICO)) == 1, c.journal("-u", UNIT)
+
+    c.run(["systemctl", "stop", "kubelet.service"])
+    reaped = c.wait_for(
+        lambda: reaper_events(c, "REAPED", MOUNT_POINT=CALICO), timeout=15, what="REAPED"
+    )
+    assert reaped[0]["_SYSTEMD_UNIT"] == UNIT, reaped  # the daemon's, not a drop-in's
+    # Judged on systemd's answer, not on the kubelet process being gone.
+    assert "kubelet.service is inactive" in reaped[0]["REASON"], c.journal("-u", UNIT)
+    assert active(c, UNIT) == "active"
+
+
+def _bus_connects(c: harness.Container) -> list[str]:
+    return [
+        line
+        for line in c.journal("-u", UNIT, "-o", "cat").splitlines()
+        if line.startswith("following systemd over D-Bus")
+    ]

@@ -1,4 +1,4 @@
-"""Run the real daemon in a private mount+network namespace and watch what it says.
+"""Run the real daemon in private mount, PID and network namespaces and watch what it says.
 
 The daemon is the real `calico-mount-reaper run` process. Its notify socket is a real AF_UNIX
 datagram socket bound by the test; its log goes to a file (stderr with ``<N>`` prefixes, as
@@ -11,14 +11,12 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-from tests.support.nsutil import NamespaceShell
+from tests.support.nsutil import NamespaceShell, NsProcess
 
 
 def owner_exe(directory: Path | str, name: str = "calico-node") -> str:
@@ -48,7 +46,7 @@ class DaemonRun:
         self.shell = NamespaceShell(net=net)
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.messages: list[tuple[float, str]] = []
-        self.proc: subprocess.Popen[Any] | None = None
+        self.proc: NsProcess | None = None
 
     def __enter__(self) -> DaemonRun:
         self.shell.__enter__()

@@ -1,8 +1,13 @@
-"""Run test code inside a private mount namespace (and optionally a private network namespace).
+"""Run test code inside private mount and PID namespaces (and optionally a network namespace).
 
 Every real mount a test makes lives in such a namespace, with a fresh tmpfs over ``/run``, so
 the host's mount table is never touched: when the namespace's last process exits, the kernel
 drops all of its mounts.
+
+The PID namespace, with its own ``/proc``, keeps the machine's processes out of the test: on a
+Kubernetes node, a ``calico-node`` in some container would otherwise make every target "in use"
+and every verdict wrong. Only what the test starts inside is there (`tests/conftest.py` starts
+decoys outside to prove it).
 
 Two shapes:
 - `in_namespace(fn, *args)` forks, enters the namespaces in the child, runs ``fn`` there and
@@ -18,14 +23,19 @@ import os
 import pickle
 import shlex
 import signal
+import struct
 import subprocess
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWPID = 0x20000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 
@@ -62,8 +72,57 @@ def enter_private_namespace(net: bool = False) -> None:
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
 
+def _in_own_pid_namespace() -> int:
+    """Fork into a new PID namespace: returns 0 in the child (its PID 1, with its own /proc
+    mounted), the child's PID in the parent. Call from inside a private mount namespace."""
+    _check(_libc.unshare(CLONE_NEWPID), "unshare PID namespace")
+    pid = os.fork()
+    if pid == 0:
+        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    return pid
+
+
+class HostSignals:
+    """Signals to host processes on behalf of code in a PID namespace, which cannot see them.
+
+    Start it in the test process, before `in_namespace` forks: a thread there does the kill for
+    the namespaced code, which talks to it through inherited pipes. For a test that must stall
+    a helper it started on the host (a fake systemd) at a chosen moment of a pass.
+    """
+
+    def __init__(self) -> None:
+        self._req_r, self._req_w = os.pipe()
+        self._ack_r, self._ack_w = os.pipe()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> HostSignals:
+        self._thread.start()
+        return self
+
+    def kill(self, pid: int, signum: int) -> None:
+        """os.kill(pid, signum) as the host sees ``pid``; returns once it is sent."""
+        os.write(self._req_w, struct.pack("ii", pid, signum))
+        if os.read(self._ack_r, 1) != b"k":
+            raise ProcessLookupError(f"no host process {pid}")
+
+    def _serve(self) -> None:
+        while len(request := os.read(self._req_r, 8)) == 8:
+            pid, signum = struct.unpack("ii", request)
+            try:
+                os.kill(pid, signum)
+                os.write(self._ack_w, b"k")
+            except ProcessLookupError:
+                os.write(self._ack_w, b"-")
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._req_w)  # the thread reads EOF and ends
+        self._thread.join(5)
+        for fd in (self._req_r, self._ack_r, self._ack_w):
+            os.close(fd)
+
+
 def in_namespace(fn: Callable[..., T], *args: Any, net: bool = False, timeout: float = 120) -> T:
-    """Run ``fn(*args)`` in a forked child inside a fresh private mount namespace."""
+    """Run ``fn(*args)`` in a forked child inside fresh private mount and PID namespaces."""
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -73,6 +132,9 @@ def in_namespace(fn: Callable[..., T], *args: Any, net: bool = False, timeout: f
         status = 0
         try:
             enter_private_namespace(net)
+            inner = _in_own_pid_namespace()
+            if inner:  # the namespace's PID 1 runs fn; its exit status is ours
+                os._exit(os.waitstatus_to_exitcode(os.waitpid(inner, 0)[1]) & 0xFF)
             payload = pickle.dumps(("ok", fn(*args)))
         except BaseException as exc:
             failure = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
@@ -97,8 +159,61 @@ def in_namespace(fn: Callable[..., T], *args: Any, net: bool = False, timeout: f
     return value  # type: ignore[no-any-return]
 
 
+class NsProcess:
+    """A process started inside a `NamespaceShell`.
+
+    nsenter forks to enter a PID namespace and forwards no signal to its child, so ``pid`` and
+    the signals go to the child itself (the process the test means), while ``wait`` and
+    ``poll`` go through nsenter, which exits with the child's status (or dies of its signal).
+    """
+
+    def __init__(self, nsenter: subprocess.Popen[Any]) -> None:
+        self.nsenter = nsenter
+        self.pid = _child_of(nsenter)
+        self.stdout, self.stderr = nsenter.stdout, nsenter.stderr
+
+    @property
+    def returncode(self) -> int | None:
+        return self.nsenter.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.nsenter.poll() is None:  # else the PID may already be someone else's
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def poll(self) -> int | None:
+        return self.nsenter.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.nsenter.wait(timeout)
+
+
+def _child_of(parent: subprocess.Popen[Any], timeout: float = 10) -> int:
+    """The one child ``parent`` forks (host PID); ``parent.pid`` if it is gone already."""
+    deadline = time.monotonic() + timeout
+    path = f"/proc/{parent.pid}/task/{parent.pid}/children"
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                children = f.read().split()
+        except FileNotFoundError:
+            children = []
+        if children:
+            return int(children[0])
+        if parent.poll() is not None:
+            return parent.pid
+        time.sleep(0.001)
+    raise RuntimeError(f"{parent.args!r} started no child in {timeout} s")
+
+
 class NamespaceShell:
-    """A long-lived private mount namespace (tmpfs over /run), entered with nsenter.
+    """Long-lived private mount and PID namespaces (tmpfs over /run, own /proc), entered with
+    nsenter.
 
     Use as a context manager; ``run()`` executes a command inside, ``popen()`` starts one.
     """
@@ -106,9 +221,13 @@ class NamespaceShell:
     def __init__(self, net: bool = False) -> None:
         self.net = net
         self._holder: subprocess.Popen[bytes] | None = None
+        self._init = 0  # the holder's child: PID 1 of the namespace, as the host sees it
 
     def __enter__(self) -> NamespaceShell:
-        flags = ["-m", "--propagation", "private"] + (["-n"] if self.net else [])
+        # --kill-child: when the holder is killed, PID 1 inside goes too, and with it every
+        # process the test left in the namespace.
+        flags = ["-m", "--propagation", "private", "-p", "--fork", "--kill-child"]
+        flags += ["--mount-proc"] + (["-n"] if self.net else [])
         script = "mount -t tmpfs -o mode=755 tmpfs /run && "
         if self.net:
             script += "ip link set lo up && "
@@ -119,15 +238,17 @@ class NamespaceShell:
         assert self._holder.stdout is not None
         if self._holder.stdout.readline().strip() != b"ready":
             raise RuntimeError("could not set up the private namespace")
+        self._init = _child_of(self._holder)
         return self
 
     @property
     def pid(self) -> int:
-        assert self._holder is not None
-        return self._holder.pid
+        """PID 1 of the namespace as the host sees it: the one to enter, whose /proc to read."""
+        assert self._init
+        return self._init
 
     def prefix(self) -> list[str]:
-        return ["nsenter", "-t", str(self.pid), "-m"] + (["-n"] if self.net else [])
+        return ["nsenter", "-t", str(self.pid), "-m", "-p"] + (["-n"] if self.net else [])
 
     def run(
         self, cmd: Sequence[str] | str, check: bool = True, **kw: Any
@@ -137,8 +258,8 @@ class NamespaceShell:
             self.prefix() + argv, check=check, text=True, capture_output=True, **kw
         )
 
-    def popen(self, cmd: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
-        return subprocess.Popen(self.prefix() + list(cmd), **kw)
+    def popen(self, cmd: Sequence[str], **kw: Any) -> NsProcess:
+        return NsProcess(subprocess.Popen(self.prefix() + list(cmd), **kw))
 
     def mountinfo(self) -> str:
         with open(f"/proc/{self.pid}/mountinfo") as f:

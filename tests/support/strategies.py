@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from calico_mount_reaper.config import Config
-from calico_mount_reaper.liveness import KubeletState, Liveness
+from calico_mount_reaper.model import KubeletSource, KubeletState, Liveness
 from calico_mount_reaper.mountinfo import Mount, escape
 from calico_mount_reaper.plan import Mode
 from calico_mount_reaper.targets import BUILTIN_RULES, Rule
@@ -195,7 +195,7 @@ def kubelet_states() -> st.SearchStrategy[KubeletState]:
     return st.builds(
         KubeletState,
         active=st.sampled_from((True, False, None)),
-        source=st.sampled_from(("dbus", "process", "none")),
+        source=st.sampled_from(KubeletSource),
         unit_file_state=st.sampled_from(("", "enabled", "disabled", "masked")),
         load_state=st.sampled_from(("", "loaded", "not-found")),
         detail=st.just("generated"),

@@ -14,9 +14,10 @@ The watch covers the mount namespace the file was opened in, nothing else: a mou
 another namespace (a container's, or a private one) wakes nothing here unless it propagates in.
 
 Storms: a node can make thousands of mount events a second. `pause()` stops the wakeups until
-the next `read()`, and `Coalescer` decides when that read is due, so the loop wakes and re-reads
-at most a few times a second however many events arrive; the kernel remembers that something
-changed meanwhile, and `read()` re-arms *before* reading so no change can slip between the two.
+the next `read()`, and the daemon's `schedule.Coalescer` decides when that read is due, so the
+loop wakes and re-reads at most a few times a second however many events arrive; the kernel
+remembers that something changed meanwhile, and `read()` re-arms *before* reading so no change
+can slip between the two.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import os
 import select
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
 
 from calico_mount_reaper.mountinfo import Mount, ParseResult, decode, read_all
 
@@ -36,7 +36,7 @@ class MountTableWatch:
     """An open mountinfo file whose `fileno()` becomes readable when the mount table changes.
 
     Register ``fileno()`` with EVENT_READ. On a wake, either `read()` at once or `pause()` and
-    `read()` when `Coalescer` says so; `read()` re-arms the watch.
+    `read()` when `schedule.Coalescer` says so; `read()` re-arms the watch.
     """
 
     events = CHANGE_EVENTS
@@ -87,30 +87,6 @@ class MountTableWatch:
             # changes after this point wake us, which is why read() re-arms before reading.
             self._epoll.register(self._fd, CHANGE_EVENTS)
             self._armed = True
-
-
-@dataclass(frozen=True)
-class Coalescer:
-    """When the next re-read is due, given change events: pure, time is passed in.
-
-    The first change after a quiet spell is read at once; further changes wait until
-    ``interval`` has passed since the last read. So re-reads are at least ``interval`` apart
-    (at most ``1 / interval`` a second) and every change is read within ``interval`` of it.
-    """
-
-    interval: float = 0.25
-    last_read: float | None = None
-    due: float | None = None  # when the next re-read should happen; None: nothing pending
-
-    def changed(self, now: float) -> Coalescer:
-        if self.due is not None:
-            return self
-        if self.last_read is None:
-            return replace(self, due=now)
-        return replace(self, due=max(now, self.last_read + self.interval))
-
-    def reread(self, now: float) -> Coalescer:
-        return replace(self, last_read=now, due=None)
 
 
 def _identity(m: Mount) -> tuple[int, int, str, str, str, str, str]:

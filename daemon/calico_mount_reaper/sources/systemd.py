@@ -30,13 +30,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Union
 
-from calico_mount_reaper.liveness import KubeletState
+from calico_mount_reaper.model import KubeletSource, KubeletState
+from calico_mount_reaper.unitname import unit_object_path
 
 SYSTEMD = b"org.freedesktop.systemd1"
 MANAGER_PATH = b"/org/freedesktop/systemd1"
 MANAGER_IFACE = b"org.freedesktop.systemd1.Manager"
 UNIT_IFACE = b"org.freedesktop.systemd1.Unit"
-UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 PROPERTIES_IFACE = b"org.freedesktop.DBus.Properties"
 LOGIND = b"org.freedesktop.login1"
 LOGIND_PATH = b"/org/freedesktop/login1"
@@ -79,33 +79,11 @@ class BusLost:
 SystemdEvent = Union[KubeletChanged, Decommissioned, ShuttingDown, BusLost]
 
 
-def unit_object_path(unit: str) -> str:
-    """The object path systemd gives a unit, escaped as systemd's bus_label_escape() does.
-
-    Every byte outside [A-Za-z0-9] becomes ``_xx`` (lower-case hex), and so does a leading
-    digit, because a D-Bus path element must not start with one; the empty name is "_".
-    """
-    if not unit:
-        return UNIT_PATH_PREFIX + "_"
-    raw = unit.encode()
-    return UNIT_PATH_PREFIX + "".join(
-        chr(b) if _alpha(b) or (i > 0 and _digit(b)) else f"_{b:02x}" for i, b in enumerate(raw)
-    )
-
-
-def _alpha(b: int) -> bool:
-    return 0x41 <= b <= 0x5A or 0x61 <= b <= 0x7A
-
-
-def _digit(b: int) -> bool:
-    return 0x30 <= b <= 0x39
-
-
 def kubelet_state(unit: str, active: str, load: str, file_state: str) -> KubeletState:
     """The verdict's view of kubelet from its unit properties as systemd reports them."""
     return KubeletState(
         active=active in HELD_STATES,
-        source="dbus",
+        source=KubeletSource.DBUS,
         unit_file_state=file_state,
         load_state=load,
         detail=f"{unit} is {active} ({load}, {file_state or 'no unit file'})",
@@ -133,6 +111,24 @@ def query_kubelet(bus: Any, unit: str) -> KubeletState:
         return value.decode() if isinstance(value, bytes) else str(value)
 
     return kubelet_state(unit, prop(b"ActiveState"), prop(b"LoadState"), prop(b"UnitFileState"))
+
+
+def kubelet_from_dbus(unit: str = "kubelet.service") -> KubeletState | None:
+    """One question to systemd on a short-lived connection (the CLI's way): None when there
+    is no bus, no pystemd or no systemd to ask, so that the caller falls back to processes."""
+    try:
+        from pystemd.dbusexc import DBusBaseError
+        from pystemd.dbuslib import DBus
+    except ImportError:
+        return None
+    bus = DBus()
+    try:
+        bus.open()
+        return query_kubelet(bus, unit)
+    except DBusBaseError:
+        return None
+    finally:
+        bus.close()  # also right after a failed open(): sd-bus accepts closing a NULL bus
 
 
 def _collector(kind: str, inbox: list[tuple[str, Any]]) -> Callable[..., None]:

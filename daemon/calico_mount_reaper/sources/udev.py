@@ -109,6 +109,11 @@ class InterfaceWatch:
             if is_dataplane_interface(name, self.patterns):
                 events.append(InterfaceEvent(device.action or "", name))
 
+    def close(self) -> None:
+        """Stop listening. pyudev (0.24) has no close: dropping the last reference unrefs the
+        libudev monitor, which closes its socket."""
+        self._monitor = None
+
     def _take_socket_error(self) -> int:
         with socket.fromfd(self.fileno(), socket.AF_NETLINK, socket.SOCK_RAW) as sock:
             return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
