@@ -28,6 +28,7 @@ from calico_mount_reaper.judge import Judge
 from calico_mount_reaper.liveness import system_bus_present
 from calico_mount_reaper.model import KubeletState, ReapOnStop
 from calico_mount_reaper.mountinfo import ParseResult
+from calico_mount_reaper.mounttable import WatchedTable
 from calico_mount_reaper.notify import Notifier, watchdog_interval
 from calico_mount_reaper.plan import Mode
 from calico_mount_reaper.reaper import MOUNTINFO, in_host_mount_namespace
@@ -44,7 +45,6 @@ from calico_mount_reaper.sources.systemd import (
 )
 from calico_mount_reaper.sources.udev import InterfaceWatch, UdevUnavailable
 from calico_mount_reaper.stopping import StopDecision, decide_stop
-from calico_mount_reaper.targets import search_needles
 from calico_mount_reaper.unitname import mount_unit
 
 # Repeat the same error line at most this often, so a persistent fault cannot flood the journal.
@@ -97,6 +97,7 @@ class Daemon:
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector.register(self._signal_r, selectors.EVENT_READ, self._on_signal)
         self.judge = Judge(config, log, notifier, self.owners, self._read, mountinfo_path)
+        self.mounts = self.judge.mounts = WatchedTable(self.mount_table, config, self._degraded)
         self.interfaces: InterfaceWatch | None = None
         self.bus: SystemdWatch | None = None
         self.errors = ErrorLog(log)
@@ -124,7 +125,7 @@ class Daemon:
         self._evaluate(now)
         self.notifier.ready()
         message = f"watching {len(self.config.rules)} target rules from {self.config.source}"
-        self._event("STARTED", message, result="ready")
+        self._event("STARTED", f"{message}; {self.mounts}", result="ready", **self.mounts.fields)
 
     def turn(self, timeout: float | None = None) -> None:
         """Sleep until a source wakes us or a deadline is due (at most ``timeout``), then run
@@ -271,7 +272,7 @@ class Daemon:
 
     def _read(self) -> ParseResult:
         """Every read of the table goes through the source: reading re-arms it."""
-        parsed = self.mount_table.read(search_needles(self.config.rules))
+        parsed = self.mounts.read(self.config)
         self.schedule = self.schedule.reread_done(self.clock())
         self.rereads += 1
         return parsed
