@@ -154,14 +154,9 @@ def test_daemon_says_which_mount_backend_it_chose(guest: dict[str, Any]) -> None
     started = [e for e in reaper_events(guest, "STARTED") if e.get("_SYSTEMD_UNIT") == UNIT]
     assert len(started) == 1 and started[0]["RESULT"] == "ready", started
     status = step(guest, "status")
-    if "mount_api" in status:  # the kernel-API back-end has landed: both must name the same
-        expected = EXPECTED_MOUNT_API[guest["kernel"].suite]
-        assert status["mount_api"] == expected, status
-        assert started[0].get(MOUNT_API_FIELD) == expected, started
-    else:
-        # One back-end, mountinfo, on every kernel, and the STARTED entry names none: this
-        # branch goes once listmount/statmount lands.
-        assert MOUNT_API_FIELD not in started[0], started
+    expected = EXPECTED_MOUNT_API[guest["kernel"].suite]
+    assert status["mount_api"] == expected, status
+    assert started[0].get(MOUNT_API_FIELD) == expected, started
 
 
 def test_daemon_under_its_real_unit_reaps_a_stacked_mount_after_kubelet_stops(
@@ -178,29 +173,15 @@ def test_daemon_under_its_real_unit_reaps_a_stacked_mount_after_kubelet_stops(
     assert "3 mount(s) gone" in reaped[0]["MESSAGE"], reaped
 
 
-# A known gap on kernels without unique mount IDs (6.1), reported to the lead: the adversarial
-# suite's helpers assert that a unique ID exists (tests/support/unique_ids.py, and add_mount in
-# test_adversarial.py), even in the variants for the pre-6.8 identity path. Expected to fail
-# only when every failure is that one; anything else fails the test.
-NO_UNIQUE_ID = "unique is not None"
-
-
-def failure_sections(log: str) -> dict[str, str]:
-    """pytest's failure sections (test id -> traceback text) from a run's output."""
-    text = log.split("short test summary info", 1)[0]
-    parts = re.split(r"\n_+ (test_\S+) _+\n", text)
-    return dict(zip(parts[1::2], parts[2::2]))
-
-
 def test_adversarial_ci_profile_passes_in_the_guest(guest: dict[str, Any]) -> None:
     outcome = step(guest, "pytest")
     log = (guest["share"] / "out/pytest.log").read_text()
-    if outcome["returncode"] != 0 and not step(guest, "kernel")["statx_mnt_id_unique"]:
-        failures = failure_sections(log)
-        if failures and all(NO_UNIQUE_ID in body for body in failures.values()):
-            pytest.xfail(
-                f"{len(failures)} adversarial cases need unique mount IDs (Linux 6.8+) in "
-                f"their test helpers, so the suite cannot test the old-ID path on this kernel"
-            )
     assert outcome["returncode"] == 0, log[-6000:]
-    assert " passed" in outcome["summary"] and "skipped" not in outcome["summary"], log[-3000:]
+    assert " passed" in outcome["summary"], log[-3000:]
+    # Every case runs on the old-ID path; the unique-ID variants skip only where the kernel has
+    # no 64-bit mount IDs (6.1), and nothing else may skip.
+    skipped = re.findall(r"SKIPPED \[\d+\] [^\n]*: (.*)", log)
+    if step(guest, "kernel")["statx_mnt_id_unique"]:
+        assert "skipped" not in outcome["summary"], log[-3000:]
+    else:
+        assert skipped and all("Linux < 6.8" in why for why in skipped), skipped
