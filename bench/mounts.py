@@ -19,22 +19,22 @@ BASE = "/run/bench"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def pod_path(i: int) -> str:
+def pod_path(i: int, base: str = BASE) -> str:
     return (
-        f"{BASE}/pods/{i:08x}-5f1c-4c1e-9d2a-{i:012x}/volumes/"
+        f"{base}/pods/{i:08x}-5f1c-4c1e-9d2a-{i:012x}/volumes/"
         f"kubernetes.io~projected/kube-api-access-{i % 99991:05d}"
     )
 
 
-def grow_base(start: int, stop: int) -> None:
-    """Add pod bind mounts number ``start`` .. ``stop - 1`` (the first call sets up BASE)."""
+def grow_base(start: int, stop: int, base: str = BASE) -> None:
+    """Add pod bind mounts number ``start`` .. ``stop - 1`` (the first call sets up ``base``)."""
     if start == 0:
-        os.makedirs(BASE, exist_ok=True)
-        mount("tmpfs", BASE, "tmpfs", 0, "mode=755")
-        os.makedirs(f"{BASE}/src")
-    src = f"{BASE}/src".encode()
+        os.makedirs(base, exist_ok=True)
+        mount("tmpfs", base, "tmpfs", 0, "mode=755")
+        os.makedirs(f"{base}/src")
+    src = f"{base}/src".encode()
     for i in range(start, stop):
-        path = pod_path(i)
+        path = pod_path(i, base)
         os.makedirs(path)
         if _libc.mount(src, path.encode(), None, MS_BIND, None) != 0:
             err = ctypes.get_errno()

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from measure import Samples
@@ -232,12 +232,14 @@ class FindmntPoll:
         self.proc.stdout.close()
 
 
-def run_quiet(argv: Sequence[str], cpu: Samples | None = None) -> float:
+def run_quiet(
+    argv: Sequence[str], cpu: Samples | None = None, env: Mapping[str, str] | None = None
+) -> float:
     """Wall milliseconds of one process run to completion, output discarded; its CPU time
     (user + sys, from wait4) goes into ``cpu``: on a busy machine wall time includes the wait
     for a free CPU, CPU time does not."""
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = (time.perf_counter() - start) * 1000
     proc.returncode = os.waitstatus_to_exitcode(status)

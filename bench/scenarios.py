@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from measure import (
@@ -27,6 +28,7 @@ from mounts import BASE, detach, grow_base, mount_target, mounts_at, stack
 from procs import DaemonProc, FindmntPoll, Watch, first, reaper_command, run_quiet
 
 from tests.support.daemon_harness import owner_exe
+from tests.support.nsutil import mount
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -59,6 +61,7 @@ class Size:
     start_samples: int = 10
     deep_stack: int = 1000
     stack_repeats: int = 5
+    backend_sizes: tuple[int, ...] = (10000, 50000)
 
 
 QUICK = Size(
@@ -73,6 +76,7 @@ QUICK = Size(
     start_samples=2,
     deep_stack=40,
     stack_repeats=1,
+    backend_sizes=(300, 600),
 )
 
 
@@ -214,6 +218,145 @@ def pass_cost(size: Size) -> list[Row]:
             )
         )
     rows.append(import_check(reaper))
+    return rows
+
+
+# ---- 1d. mount-table back-ends (issue 12) -----------------------------------------------------
+
+# Pod volumes outside /run, where kubelet keeps them (/var/lib/kubelet/pods): a tmpfs over /mnt,
+# inside this run's private namespace only.
+KUBELET_LIKE = "/mnt/kubelet"
+
+
+def cpu_ms(fn: Callable[[], object]) -> float:
+    """This thread's CPU time (user + sys) for one call, in ms: on a shared, loaded machine the
+    wall time mostly measures the wait for a free CPU, the CPU time measures the work."""
+    start = time.thread_time()
+    fn()
+    return (time.thread_time() - start) * 1000
+
+
+def backends(size: Size) -> list[Row]:
+    """The kernel-API back-end, the forced mountinfo back-end, findmnt and a bare mountinfo read,
+    side by side at each size, in-process and as a `status` process; judged by CPU time, with
+    the process wall times alongside. Then what bounds the process rows (start-up alone), and
+    the kernel API's worst case: the same pods below /run, the subtree it lists."""
+    from calico_mount_reaper.config import MOUNT_API_ENV, Config
+    from calico_mount_reaper.mounttable import KernelTable, MountinfoTable
+    from calico_mount_reaper.plan import Mode
+    from calico_mount_reaper.reaper import read_table, run_pass
+
+    config = Config()
+    for fstype, path in (
+        ("cgroup2", "/run/calico/cgroup"),
+        ("bpf", "/run/calico/bpffs"),
+        ("cgroup2", "/run/cilium/cgroupv2"),
+    ):
+        mount_target(path, fstype)
+    mount("tmpfs", "/mnt", "tmpfs")
+    reaper = reaper_command()
+    findmnt = ["findmnt", "-rn", "-t", "cgroup2"]
+    tables = {"kernel API": KernelTable(), "forced mountinfo": MountinfoTable()}
+    envs = {
+        "kernel API": {**os.environ, MOUNT_API_ENV: "auto"},
+        "forced mountinfo": {**os.environ, MOUNT_API_ENV: "mountinfo"},
+    }
+    goal_size = size.backend_sizes[0]
+    rows: list[Row] = []
+    bare = "bare read of /proc/self/mountinfo (CPU)"
+
+    def in_process(name: str, n: int, label: str) -> None:
+        table = tables[name]
+        whole = lambda: run_pass(config, Mode.NORMAL, dry_run=True, mounts=table)  # noqa: E731
+        ours, floor = alternate(lambda: cpu_ms(whole), lambda: cpu_ms(bare_read), size.pass_repeats)
+        goal = name == "kernel API" and n == goal_size
+        rows.append(
+            ratio_row(
+                "1d back-ends",
+                f"in-process pass, {name}, {label} (CPU)",
+                ours,
+                bare,
+                floor,
+                0.2 if goal else None,
+                "<= 0.2x at 10k" if goal else "",
+                "includes the /proc scan for owners (targets exist)",
+            )
+        )
+        ours, floor = alternate(
+            lambda: cpu_ms(lambda: read_table(config, table)),
+            lambda: cpu_ms(bare_read),
+            size.pass_repeats,
+        )
+        rows.append(
+            ratio_row(
+                "1d back-ends",
+                f"table read only (read + find sites), {name}, {label} (CPU)",
+                ours,
+                bare,
+                floor,
+                None,
+                "",
+                "what the switch changes",
+            )
+        )
+
+    def process(what: str, argv: list[str], env: dict[str, str], goal: float | None) -> None:
+        cpu_ours, cpu_peer = Samples("ms CPU"), Samples("ms CPU")
+        wall, peer_wall = alternate(
+            lambda: run_quiet(argv, cpu_ours, env),
+            lambda: run_quiet(findmnt, cpu_peer),
+            size.process_repeats,
+        )
+        del cpu_ours.values[0], cpu_peer.values[0]  # the unrecorded warm-up round
+        judged = f"<= {goal:g}x" if goal is not None else ""
+        rows.append(
+            ratio_row(
+                "1d back-ends",
+                f"{what} (CPU)",
+                cpu_ours,
+                "`findmnt -rn -t cgroup2`",
+                cpu_peer,
+                goal,
+                judged,
+            )
+        )
+        rows.append(
+            ratio_row(
+                "1d back-ends",
+                f"{what} (wall)",
+                wall,
+                "`findmnt -rn -t cgroup2`",
+                peer_wall,
+                None,
+                "",
+                "includes waiting for a CPU",
+            )
+        )
+
+    built = 0
+    for n in size.backend_sizes:
+        grow_base(built, n, KUBELET_LIKE)
+        built = n
+        label = f"{n // 1000}k mounts" if n >= 1000 else f"{n} mounts"
+        for name in tables:
+            in_process(name, n, label)
+        first = n == goal_size
+        goals = {"kernel API": 0.5 if first else 0.2, "forced mountinfo": 1.3 if first else None}
+        for name, env in envs.items():
+            process(f"`status` process, {name}, {label}", [*reaper, "status"], env, goals[name])
+    # What bounds the process rows: start-up alone (interpreter, imports, argparse).
+    process(
+        "start-up floor: `calico-mount-reaper --version` (no table read)",
+        [*reaper, "--version"],
+        dict(os.environ),
+        None,
+    )
+    # Worst case for the kernel API: the pods below /run, in the subtree it lists and stats.
+    detach(KUBELET_LIKE)
+    grow_base(0, goal_size, BASE)
+    label = f"{goal_size // 1000}k mounts" if goal_size >= 1000 else f"{goal_size} mounts"
+    for name in tables:
+        in_process(name, -1, f"{label} all below /run (one tmpfs; kernel API prunes after 64)")
     return rows
 
 
@@ -629,6 +772,7 @@ def start_stop(size: Size) -> list[Row]:
 
 SCENARIOS = {
     "pass": pass_cost,
+    "backends": backends,
     "latency": detection_latency,
     "storm": storm,
     "owner-exit": owner_exit,

@@ -20,6 +20,7 @@ SCENARIOS = (
     "1b status process",
     "1b imports",
     "1c growth",
+    "1d back-ends",
     "2 detection latency",
     "3 storm",
     "4 owner exit",

@@ -420,8 +420,13 @@ def _garbage_lines_in_the_table() -> tuple[str, int]:
 
     out = io.StringIO()
     log = journal.setup(stream=out)
+    # The garbled lines come through mountinfo: force that back-end (the kernel API has no lines).
     daemon = Daemon(
-        Config(grace_period=0), None, log, Notifier(), sources=Sources(mount_table=GarbledWatch)
+        Config(grace_period=0, mount_api="mountinfo"),
+        None,
+        log,
+        Notifier(),
+        sources=Sources(mount_table=GarbledWatch),
     )
     daemon.start()
     node.mount_at("cgroup2", CGROUP)

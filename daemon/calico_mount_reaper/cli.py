@@ -173,6 +173,7 @@ def report_json(report: PassReport, command: str, exit_code: int) -> dict[str, A
         "command": command,
         "mode": report.mode.value,
         "dry_run": report.dry_run,
+        "mount_api": report.mount_api.value,
         "host_mount_namespace": in_host_mount_namespace(),
         "kubelet": None
         if kubelet is None

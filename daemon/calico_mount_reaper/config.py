@@ -14,6 +14,7 @@ Example (every key optional)::
     remove_mount_point = true  # rmdir the emptied mount-point directory on a normal filesystem
     kubelet_unit = "kubelet.service"
     metrics_path = ""          # node_exporter textfile, e.g. /var/lib/node_exporter/reaper.prom
+    mount_api = "auto"         # "mountinfo" forces the fallback (see mounttable.py)
 
     [[target]]
     name = "calico-custom"     # CALICO_CGROUP_PATH moved elsewhere; names are unique
@@ -44,6 +45,11 @@ REAP_ON_STOP_CHOICES = ("shutdown", "always", "never")
 # The filesystems Calico and Cilium leave behind. A target of any other type (ext4, tmpfs...)
 # would make the reaper unmount a node's real storage on a typo, so none is accepted.
 FSTYPES = ("cgroup2", "cgroup", "bpf")
+# How the mount table is read: "auto" probes for listmount/statmount (Linux 6.8+), "mountinfo"
+# forces the fallback and the old 32-bit identity path. The environment variable wins over the
+# file: it is the per-process override (a test, a one-off run, a unit drop-in's Environment=).
+MOUNT_API_ENV = "CALICO_MOUNT_REAPER_MOUNT_API"
+MOUNT_API_CHOICES = ("auto", "mountinfo")
 
 
 class ConfigError(Exception):
@@ -66,6 +72,7 @@ class Config:
     remove_mount_point: bool = True
     kubelet_unit: str = "kubelet.service"
     metrics_path: str = ""
+    mount_api: str = "auto"
     source: str = field(default="(built-in defaults)", compare=False)
 
     @property
@@ -114,6 +121,13 @@ def _reap_on_stop(source: str, key: str, value: Any) -> str:
     return str(value)
 
 
+def _mount_api(source: str, key: str, value: Any) -> str:
+    if value not in MOUNT_API_CHOICES:
+        choices = ", ".join(f'"{c}"' for c in MOUNT_API_CHOICES)
+        raise ConfigError(source, key, f"expected one of {choices}, got {value!r}")
+    return str(value)
+
+
 def _metrics_path(source: str, key: str, value: Any) -> str:
     path = _string(source, key, value)
     if path and not os.path.isabs(path):
@@ -130,6 +144,7 @@ _SCALARS: dict[str, Callable[[str, str, Any], Any]] = {
     "remove_mount_point": _boolean,
     "kubelet_unit": _string,
     "metrics_path": _metrics_path,
+    "mount_api": _mount_api,
 }
 _TOP_KEYS = {*_SCALARS, "builtin_targets", "target"}
 _RULE_KEYS = {"name", "prefix", "fstypes", "owners", "detach_on_busy"}
@@ -347,6 +362,12 @@ def resolve_path(explicit: str | None, environ: Mapping[str, str]) -> str | None
 
 
 def load(explicit: str | None = None, environ: Mapping[str, str] = os.environ) -> Config:
-    """The Config to run with; built-in defaults when no file is configured or installed."""
+    """The Config to run with; built-in defaults when no file is configured or installed.
+
+    CALICO_MOUNT_REAPER_MOUNT_API, when set, replaces the file's ``mount_api``."""
     path = resolve_path(explicit, environ)
-    return Config() if path is None else load_file(path)
+    config = Config() if path is None else load_file(path)
+    if environ.get(MOUNT_API_ENV):
+        value = _mount_api("environment", MOUNT_API_ENV, environ[MOUNT_API_ENV])
+        config = replace(config, mount_api=value)
+    return config

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from calico_mount_reaper import config as config_mod
-from calico_mount_reaper import journal
+from calico_mount_reaper import journal, mounttable
 from calico_mount_reaper.config import Config, ConfigError
 from calico_mount_reaper.exitcode import ExitCode
 from calico_mount_reaper.judge import Judge
@@ -97,6 +97,11 @@ class Daemon:
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector.register(self._signal_r, selectors.EVENT_READ, self._on_signal)
         self.judge = Judge(config, log, notifier, self.owners, self._read, mountinfo_path)
+        self.mountinfo_path = mountinfo_path
+        self.mounts = mounttable.choose(
+            mounttable.switch_for(config.mount_api), path=mountinfo_path
+        )
+        self.judge.mount_api = self.mounts.table.api.value
         self.interfaces: InterfaceWatch | None = None
         self.bus: SystemdWatch | None = None
         self.errors = ErrorLog(log)
@@ -118,13 +123,18 @@ class Daemon:
             signal.signal(signum, lambda *_: None)  # the wakeup fd carries the number
         warn_unless_in_host_mount_namespace(self.log)
         now = self.clock()
+        if self.mounts.refused:
+            self._mounts_degraded(self.mounts.reason)
         self._connect_bus(now)
         self._open_interfaces()
         self._reread(now)
         self._evaluate(now)
         self.notifier.ready()
-        message = f"watching {len(self.config.rules)} target rules from {self.config.source}"
-        self._event("STARTED", message, result="ready")
+        message = (
+            f"watching {len(self.config.rules)} target rules from {self.config.source}; "
+            f"mount table via {self.mounts.table.api.value}: {self.mounts.reason}"
+        )
+        self._event("STARTED", message, result="ready", mount_api=self.mounts.table.api.value)
 
     def turn(self, timeout: float | None = None) -> None:
         """Sleep until a source wakes us or a deadline is due (at most ``timeout``), then run
@@ -270,8 +280,19 @@ class Daemon:
             self.schedule = self.schedule.evaluate_by(now)
 
     def _read(self) -> ParseResult:
-        """Every read of the table goes through the source: reading re-arms it."""
-        parsed = self.mount_table.read(search_needles(self.config.rules))
+        """Every read of the table re-arms the source first, so no change slips between."""
+        parsed = None
+        if self.mounts.table.api is mounttable.MountApi.LISTMOUNT:
+            self.mount_table.rearm()
+            try:
+                parsed = self.mounts.table.read(self.config.rules)
+            except OSError as exc:
+                if exc.errno in mounttable.REFUSED:  # refused after all: mountinfo from now on
+                    self._mounts_degraded(f"listmount/statmount refused ({exc})")
+                else:  # the table kept changing under the walk: this one read from mountinfo
+                    self.log.warning("reading the mount table from mountinfo once: %s", exc)
+        if parsed is None:
+            parsed = self.mount_table.read(search_needles(self.config.rules))
         self.schedule = self.schedule.reread_done(self.clock())
         self.rereads += 1
         return parsed
@@ -291,6 +312,12 @@ class Daemon:
         new = reload_config(self.config_path, self.log)
         if new is None:
             return
+        if new.mount_api != self.config.mount_api:
+            switch = mounttable.switch_for(new.mount_api)
+            self.mounts = mounttable.choose(switch, path=self.mountinfo_path)
+            self.judge.mount_api = self.mounts.table.api.value
+            if self.mounts.refused:
+                self._mounts_degraded(self.mounts.reason)
         self.config = self.judge.config = new
         self.judge.stale = True
         # The rules may have changed, so the sites must be found again in a fresh read.
@@ -324,6 +351,13 @@ class Daemon:
         self.selector.close()
         os.close(self._signal_r)
         os.close(self._signal_w)
+
+    def _mounts_degraded(self, reason: str) -> None:
+        """The kernel API was refused on a kernel that has it: read mountinfo from now on, and
+        say so in one DEGRADED entry (an old kernel without it is not degraded, just old)."""
+        self.mounts = mounttable.Choice(mounttable.MountinfoTable(self.mountinfo_path), reason)
+        self.judge.mount_api = self.mounts.table.api.value
+        self._degraded(f"reading the mount table from mountinfo: {reason}", reason, "no-listmount")
 
     def _degraded(self, message: str, reason: str, result: str) -> None:
         self._event("DEGRADED", message, logging.WARNING, reason=reason, result=result)

@@ -12,13 +12,13 @@ import os
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from calico_mount_reaper import mountinfo
+from calico_mount_reaper import mountinfo, mounttable
 from calico_mount_reaper.config import Config
 from calico_mount_reaper.liveness import observe
 from calico_mount_reaper.model import Liveness
+from calico_mount_reaper.mounttable import MountApi, MountTable
 from calico_mount_reaper.plan import Action, Assessment, Mode, Site, find_sites, plan
 from calico_mount_reaper.resolve import Expected
-from calico_mount_reaper.targets import search_needles
 from calico_mount_reaper.unmount import (
     BusyPolicy,
     Outcome,
@@ -48,6 +48,7 @@ class PassReport:
     warnings: list[str] = field(default_factory=list)
     liveness: Liveness | None = None
     table: Table | None = None  # the last read: after the last unmount unless dry_run
+    mount_api: MountApi = MountApi.MOUNTINFO  # the back-end the last read went through
 
     @property
     def reaped(self) -> tuple[Assessment, ...]:
@@ -102,9 +103,16 @@ class Table:
         return cls(parsed.mounts, tuple(find_sites(parsed.mounts, config.rules)), parsed.warnings)
 
 
-def read_table(config: Config, path: str = MOUNTINFO) -> Table:
-    """The table as far as the targets go: only lines that can belong to a site are parsed."""
-    return Table.of(mountinfo.read(path, search_needles(config.rules)), config)
+def read_table(config: Config, mounts: MountTable | None = None) -> Table:
+    """The table as far as the targets go: only mounts that can belong to a site are read."""
+    if mounts is None:
+        mounts = open_table(config)
+    return Table.of(mounts.read(config.rules), config)
+
+
+def open_table(config: Config, path: str = MOUNTINFO) -> MountTable:
+    """The back-end ``config.mount_api`` and a probe of the kernel allow (`mounttable.choose`)."""
+    return mounttable.choose(mounttable.switch_for(config.mount_api), path=path).table
 
 
 def _execute(action: Action, config: Config, dry_run: bool, path: str, table: Table) -> Outcome:
@@ -133,20 +141,36 @@ def run_pass(
     mountinfo_path: str = MOUNTINFO,
     table: Table | None = None,
     read: Callable[[], mountinfo.ParseResult] | None = None,
+    mounts: MountTable | None = None,
 ) -> PassReport:
     """Reap what ``mode`` allows, limited to the mount points in ``only`` if given.
 
     ``liveness`` is observed lazily: only when a target exists. A caller that already holds a
     recent ``table`` (the daemon) saves the first read: planning from a slightly old view is
     safe, because every unmount is checked against the kernel's view of the exact mount first.
-    ``read`` replaces reading ``mountinfo_path`` (the daemon reads through its watch, which
-    re-arms it).
+    ``mounts`` is the back-end to read through (default: `open_table`); ``read`` replaces
+    it altogether (the daemon reads through its watch, which re-arms it).
     """
+    report = PassReport(mode, dry_run)
+    if mounts is None and read is None:
+        mounts = open_table(config, mountinfo_path)
 
     def fresh() -> Table:
-        return Table.of(read(), config) if read is not None else read_table(config, mountinfo_path)
+        nonlocal mounts
+        if read is not None:
+            return Table.of(read(), config)
+        assert mounts is not None
+        try:
+            parsed = mounts.read(config.rules)
+        except OSError as exc:  # statmount.ApiError: refused, or the tree changed mid-read
+            if mounts.api is MountApi.MOUNTINFO:
+                raise
+            report.warnings.append(f"reading the mount table from mountinfo instead: {exc}")
+            mounts = mounttable.MountinfoTable(mountinfo_path)
+            parsed = mounts.read(config.rules)
+        report.mount_api = mounts.api
+        return Table.of(parsed, config)
 
-    report = PassReport(mode, dry_run)
     if table is None:
         table = fresh()
     report.warnings.extend(table.warnings)

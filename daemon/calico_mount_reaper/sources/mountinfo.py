@@ -64,12 +64,17 @@ class MountTableWatch:
     def read(self, needles: Iterable[str] | None = None) -> ParseResult:
         """Re-arm, then read the whole table from the open file and parse it (all lines, or
         only those holding one of ``needles``: see `mountinfo.decode`)."""
-        self._arm()
-        # Consume a change flagged before this read: the read below already covers it, and
-        # leaving it pending would cost one more wake and one more identical re-read.
-        self._epoll.poll(0)
+        self.rearm()
         os.lseek(self._fd, 0, os.SEEK_SET)
         return decode(read_all(self._fd), needles)
+
+    def rearm(self) -> None:
+        """Re-arm before a read of the table made some other way (listmount/statmount), so that
+        no change can slip between the two."""
+        self._arm()
+        # Consume a change flagged before this read: the read that follows covers it, and
+        # leaving it pending would cost one more wake and one more identical re-read.
+        self._epoll.poll(0)
 
     def close(self) -> None:
         self._epoll.close()
