@@ -1,7 +1,8 @@
 """The node daemon: one selector loop that wires event sources to the core.
 
-Sources (each a thin object over a file descriptor, opened through `Sources`): the mount table
-(POLLPRI on mountinfo), systemd over D-Bus, kernel uevents for dataplane interfaces, pidfds of
+Sources (each a thin object over a file descriptor, opened through `Sources`): mount changes
+(fanotify mount events where the kernel has them, else POLLPRI on mountinfo: `mountevents`),
+systemd over D-Bus, kernel uevents for dataplane interfaces, pidfds of
 owner processes, and signals (through a wakeup pipe). A wake only records what happened, in
 the `Judge` (what is known) and the `Schedule` (what is due); the loop then runs the jobs the
 schedule says are due: the watchdog ping, a bus retry, the safety-net rescan, a coalesced
@@ -21,17 +22,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from calico_mount_reaper import config as config_mod
-from calico_mount_reaper import journal, mounttable
+from calico_mount_reaper import journal, mountevents, mounttable
 from calico_mount_reaper.config import Config, ConfigError
 from calico_mount_reaper.exitcode import ExitCode
 from calico_mount_reaper.judge import Judge
 from calico_mount_reaper.liveness import system_bus_present
 from calico_mount_reaper.model import KubeletState, ReapOnStop
+from calico_mount_reaper.mountevents import Via
 from calico_mount_reaper.mountinfo import ParseResult
 from calico_mount_reaper.notify import Notifier, watchdog_interval
 from calico_mount_reaper.plan import Mode
 from calico_mount_reaper.reaper import MOUNTINFO, in_host_mount_namespace
 from calico_mount_reaper.schedule import ERROR_RETRY, Job, Schedule
+from calico_mount_reaper.sources import fanotify
+from calico_mount_reaper.sources.fanotify import MountEvents
+from calico_mount_reaper.sources.mountchanges import Do, MountChanges
 from calico_mount_reaper.sources.mountinfo import MountTableWatch
 from calico_mount_reaper.sources.processes import OwnerExits
 from calico_mount_reaper.sources.systemd import (
@@ -60,11 +65,14 @@ class Sources:
     """How the daemon opens its event sources. Tests pass their own (a real source under a
     fault, a table with planted lines); the defaults are the real ones.
 
-    ``mount_table`` is the one way the daemon reads the mount table: a back-end that reads it
-    differently slots in here.
+    ``mount_table`` is the one way the daemon reads mountinfo: a back-end that reads it
+    differently slots in here. ``mount_events`` is fanotify's watch, used after
+    ``fanotify_probe`` says it works.
     """
 
     mount_table: Callable[[str], MountTableWatch] = MountTableWatch
+    mount_events: Callable[[], MountEvents] = MountEvents
+    fanotify_probe: Callable[[], fanotify.Probe] = fanotify.probe
     owner_exits: Callable[[], OwnerExits] = OwnerExits
     interfaces: Callable[[], InterfaceWatch] = InterfaceWatch
     systemd: Callable[[str], SystemdWatch] = SystemdWatch
@@ -91,6 +99,7 @@ class Daemon:
         self.faults = frozenset(filter(None, os.environ.get(FAULTS_ENV, "").split(",")))
         self.selector = selectors.DefaultSelector()
         self.mount_table = sources.mount_table(mountinfo_path)
+        self.changes = MountChanges(self.mount_table, sources.mount_events, sources.fanotify_probe)
         self.selector.register(self.mount_table, selectors.EVENT_READ, self._on_mounts)
         self.owners = sources.owner_exits()
         self.selector.register(self.owners, selectors.EVENT_READ, self._on_owner_exit)
@@ -102,6 +111,7 @@ class Daemon:
             mounttable.switch_for(config.mount_api), path=mountinfo_path
         )
         self.judge.mount_api = self.mounts.table.api.value
+        self.watch = self._watch_mounts()
         self.interfaces: InterfaceWatch | None = None
         self.bus: SystemdWatch | None = None
         self.errors = ErrorLog(log)
@@ -125,16 +135,13 @@ class Daemon:
         now = self.clock()
         if self.mounts.refused:
             self._mounts_degraded(self.mounts.reason)
+        self._say_why_not_fanotify()
         self._connect_bus(now)
         self._open_interfaces()
         self._reread(now)
         self._evaluate(now)
         self.notifier.ready()
-        message = (
-            f"watching {len(self.config.rules)} target rules from {self.config.source}; "
-            f"mount table via {self.mounts.table.api.value}: {self.mounts.reason}"
-        )
-        self._event("STARTED", message, result="ready", mount_api=self.mounts.table.api.value)
+        journal_started(self.log, self.config, self.mounts, self.watch)
 
     def turn(self, timeout: float | None = None) -> None:
         """Sleep until a source wakes us or a deadline is due (at most ``timeout``), then run
@@ -170,6 +177,19 @@ class Daemon:
             self.schedule = self.schedule.after_error(now)
 
     # ---- sources -----------------------------------------------------------------------------
+
+    def _watch_mounts(self) -> mountevents.Choice:
+        """Register what wakes us on a mount change, for the table's back-end."""
+        self.selector.unregister(self.changes.source)
+        choice = self.changes.switch(self.mounts.table)
+        on_wake = self._on_mounts if choice.via is Via.POLLPRI else self._on_mount_events
+        self.selector.register(self.changes.source, selectors.EVENT_READ, on_wake)
+        self.judge.mount_events = choice.via.value
+        return choice
+
+    def _say_why_not_fanotify(self) -> None:  # one entry: the kernel has them, but refused
+        if self.watch.degraded:
+            self._degraded(self.watch.reason, self.watch.reason, "no-fanotify")
 
     def _open_interfaces(self) -> None:
         try:
@@ -209,6 +229,17 @@ class Daemon:
     def _on_mounts(self, now: float) -> None:
         self.mount_table.pause()
         self.schedule = self.schedule.mounts_changed(now)
+
+    def _on_mount_events(self, now: float) -> None:
+        view = frozenset(m.unique_id for m in self.judge.table.mounts if m.unique_id is not None)
+        prefixes = (rule.prefix for rule in self.config.rules)
+        wake = self.changes.drain(view, prefixes, self.schedule.reread_pending)
+        if wake.why:
+            self.log.info("%s", wake.why)
+        if wake.do is Do.FALL_BACK:
+            self._mounts_degraded(wake.why)
+        if wake.do is not Do.NOTHING:
+            self.schedule = self.schedule.mounts_changed(now)
 
     def _on_uevents(self, now: float) -> None:
         assert self.interfaces is not None  # registered only once opened
@@ -283,7 +314,8 @@ class Daemon:
         """Every read of the table re-arms the source first, so no change slips between."""
         parsed = None
         if self.mounts.table.api is mounttable.MountApi.LISTMOUNT:
-            self.mount_table.rearm()
+            if self.watch.via is Via.POLLPRI:  # fanotify needs no re-arming: it queues events
+                self.mount_table.rearm()
             try:
                 parsed = self.mounts.table.read(self.config.rules)
             except OSError as exc:
@@ -318,6 +350,9 @@ class Daemon:
             self.judge.mount_api = self.mounts.table.api.value
             if self.mounts.refused:
                 self._mounts_degraded(self.mounts.reason)
+            else:
+                self.watch = self._watch_mounts()
+                self._say_why_not_fanotify()
         self.config = self.judge.config = new
         self.judge.stale = True
         # The rules may have changed, so the sites must be found again in a fresh read.
@@ -345,7 +380,7 @@ class Daemon:
 
     def close(self) -> None:
         signal.set_wakeup_fd(-1)
-        for source in (self.bus, self.interfaces, self.owners, self.mount_table):
+        for source in (self.bus, self.interfaces, self.owners, self.changes):
             if source is not None:
                 source.close()
         self.selector.close()
@@ -358,6 +393,8 @@ class Daemon:
         self.mounts = mounttable.Choice(mounttable.MountinfoTable(self.mountinfo_path), reason)
         self.judge.mount_api = self.mounts.table.api.value
         self._degraded(f"reading the mount table from mountinfo: {reason}", reason, "no-listmount")
+        if self.watch.via is Via.FANOTIFY:  # events it cannot place: back to POLLPRI
+            self.watch = self._watch_mounts()
 
     def _degraded(self, message: str, reason: str, result: str) -> None:
         self._event("DEGRADED", message, logging.WARNING, reason=reason, result=result)
@@ -392,6 +429,22 @@ def reload_config(path: str | None, log: logging.Logger) -> Config | None:
             result="kept-old",
         )
         return None
+
+
+def journal_started(
+    log: logging.Logger, config: Config, mounts: mounttable.Choice, watch: mountevents.Choice
+) -> None:
+    """STARTED: the rules, and how the table is read and its changes heard, with why."""
+    journal.event(
+        log,
+        "STARTED",
+        f"watching {len(config.rules)} target rules from {config.source}; mount table via "
+        f"{mounts.table.api.value}: {mounts.reason}; mount events via {watch.via.value}: "
+        f"{watch.reason}",
+        result="ready",
+        mount_api=mounts.table.api.value,
+        mount_events=watch.via.value,
+    )
 
 
 def journal_stopping(

@@ -46,6 +46,7 @@ class Judge:
         self.liveness = Liveness()
         self.bus_kubelet: KubeletState | None = None  # systemd's answer, while on the bus
         self.mount_api = "mountinfo"  # the back-end the daemon's reads go through (for STATUS=)
+        self.mount_events = "pollpri"  # what wakes the daemon on a mount change (for STATUS=)
         self.timers = grace.GraceTimers()
         self.reasons: Mapping[SiteKey, str] = {}
         self.decommissioned = False
@@ -134,7 +135,9 @@ class Judge:
         """The STATUS= line and the metrics file, after every pass."""
         items = list(assessments)
         on_bus = self.bus_kubelet is not None
-        self.notifier.status(status_text(items, len(self.config.rules), on_bus, self.mount_api))
+        self.notifier.status(
+            status_text(items, len(self.config.rules), on_bus, self.mount_api, self.mount_events)
+        )
         self.counters.targets_mounted = len(items)
         self.counters.last_pass_timestamp_seconds = time.time()
         if self.config.metrics_path:
@@ -227,12 +230,14 @@ def journal_verdicts(
     return now
 
 
-def status_text(assessments: list[Assessment], rules: int, on_bus: bool, mount_api: str) -> str:
+def status_text(
+    assessments: list[Assessment], rules: int, on_bus: bool, mount_api: str, mount_events: str
+) -> str:
     held = sum(1 for a in assessments if not a.reap)
     text = f"watching {rules} target rules; {len(assessments)} mounted"
     if held:
         text += f", {held} left alone ({assessments[0].reason if held == 1 else 'see journal'})"
-    text += f"; mount table: {mount_api}"
+    text += f"; mount table: {mount_api}, events: {mount_events}"
     return text if on_bus else text + "; degraded: no D-Bus"
 
 
