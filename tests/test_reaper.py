@@ -5,15 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
 from calico_mount_reaper.config import Config
 from calico_mount_reaper.model import KubeletSource, KubeletState, Liveness
-from calico_mount_reaper.mountinfo import parse_line
+from calico_mount_reaper.mountinfo import ParseResult, parse_line
+from calico_mount_reaper.mounttable import MountApi, choose, switch_for
 from calico_mount_reaper.plan import Mode, Verdict, assess, find_sites
 from calico_mount_reaper.reaper import PassReport, run_pass
 from calico_mount_reaper.unmount import Outcome, Result
 
 from tests.support import node
-from tests.support.nsutil import in_namespace
+from tests.support.nsutil import in_namespace, mount
 
 ORPHANED = Liveness()
 
@@ -50,8 +52,6 @@ def test_reap_leaves_exactly_the_targets_unmounted_and_the_rest_byte_for_byte() 
 
 
 def _point(line: str) -> str:
-    from calico_mount_reaper.mountinfo import parse_line
-
     return parse_line(line).mount_point
 
 
@@ -142,3 +142,36 @@ def test_a_reap_counts_even_when_the_path_is_mounted_anew_before_the_final_read(
     assert len(_report_with_a_new_mount_at_the_same_path(unmounted=True).reaped) == 1
     # Without a verified unmount of every member, the final read decides: still there.
     assert _report_with_a_new_mount_at_the_same_path(unmounted=False).reaped == ()
+
+
+def _mounted_anew_mid_pass() -> tuple[list[str], int] | str:
+    """Reap an orphaned target while a new one is mounted at its path during the pass."""
+    table = choose(switch_for("auto")).table
+    if table.api is not MountApi.LISTMOUNT:
+        return f"needs 64-bit mount IDs (Linux 6.8+), and this run reads {table.api.value}"
+    os.makedirs("/run/calico/cgroup")
+    mount("none", "/run/calico/cgroup", "cgroup2")
+    reads = 0
+
+    def read() -> ParseResult:
+        nonlocal reads
+        reads += 1
+        if reads == 2:  # the re-read after the first round's unmount
+            mount("none", "/run/calico/cgroup", "cgroup2")
+        return table.read(Config().rules)
+
+    report = run_pass(Config(), Mode.NORMAL, liveness=ORPHANED, read=read)
+    still = sum(1 for line in node.lines() if " /run/calico/cgroup " in line)
+    return [o.result.value for o in report.outcomes], still
+
+
+def test_a_target_mounted_during_a_pass_is_left_for_its_own_verdict() -> None:
+    # Later rounds finish what the first read showed; a mount that appeared meanwhile is new,
+    # and must wait for its own grace period and a fresh look at its owners. Only the 64-bit
+    # IDs tell it apart: on mountinfo it takes the freed ID at the same path (SECURITY.md).
+    got = in_namespace(_mounted_anew_mid_pass)
+    if isinstance(got, str):
+        pytest.skip(got)
+    results, still = got
+    assert results == ["unmounted"]
+    assert still == 1

@@ -42,14 +42,14 @@ if TYPE_CHECKING:
 DEFAULT_PATH = "/etc/calico-mount-reaper/config.toml"
 ENV_VAR = "CALICO_MOUNT_REAPER_CONFIG"
 REAP_ON_STOP_CHOICES = ("shutdown", "always", "never")
-# The filesystems Calico and Cilium leave behind. A target of any other type (ext4, tmpfs...)
-# would make the reaper unmount a node's real storage on a typo, so none is accepted.
-FSTYPES = ("cgroup2", "cgroup", "bpf")
 # How the mount table is read: "auto" probes for listmount/statmount (Linux 6.8+), "mountinfo"
 # forces the fallback and the old 32-bit identity path. The environment variable wins over the
 # file: it is the per-process override (a test, a one-off run, a unit drop-in's Environment=).
 MOUNT_API_ENV = "CALICO_MOUNT_REAPER_MOUNT_API"
 MOUNT_API_CHOICES = ("auto", "mountinfo")
+# The filesystems Calico and Cilium leave behind. A target of any other type (ext4, tmpfs...)
+# would make the reaper unmount a node's real storage on a typo, so none is accepted.
+FSTYPES = ("cgroup2", "cgroup", "bpf")
 
 
 class ConfigError(Exception):

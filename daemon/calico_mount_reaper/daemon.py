@@ -22,21 +22,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from calico_mount_reaper import config as config_mod
-from calico_mount_reaper import journal, mountevents, mounttable
+from calico_mount_reaper import journal
 from calico_mount_reaper.config import Config, ConfigError
 from calico_mount_reaper.exitcode import ExitCode
 from calico_mount_reaper.judge import Judge
 from calico_mount_reaper.liveness import system_bus_present
 from calico_mount_reaper.model import KubeletState, ReapOnStop
-from calico_mount_reaper.mountevents import Via
 from calico_mount_reaper.mountinfo import ParseResult
+from calico_mount_reaper.mounttable import WatchedTable
 from calico_mount_reaper.notify import Notifier, watchdog_interval
 from calico_mount_reaper.plan import Mode
 from calico_mount_reaper.reaper import MOUNTINFO, in_host_mount_namespace
 from calico_mount_reaper.schedule import ERROR_RETRY, Job, Schedule
 from calico_mount_reaper.sources import fanotify
 from calico_mount_reaper.sources.fanotify import MountEvents
-from calico_mount_reaper.sources.mountchanges import Do, MountChanges
+from calico_mount_reaper.sources.mountchanges import MountChanges
 from calico_mount_reaper.sources.mountinfo import MountTableWatch
 from calico_mount_reaper.sources.processes import OwnerExits
 from calico_mount_reaper.sources.systemd import (
@@ -49,7 +49,6 @@ from calico_mount_reaper.sources.systemd import (
 )
 from calico_mount_reaper.sources.udev import InterfaceWatch, UdevUnavailable
 from calico_mount_reaper.stopping import StopDecision, decide_stop
-from calico_mount_reaper.targets import search_needles
 from calico_mount_reaper.unitname import mount_unit
 
 # Repeat the same error line at most this often, so a persistent fault cannot flood the journal.
@@ -99,19 +98,18 @@ class Daemon:
         self.faults = frozenset(filter(None, os.environ.get(FAULTS_ENV, "").split(",")))
         self.selector = selectors.DefaultSelector()
         self.mount_table = sources.mount_table(mountinfo_path)
-        self.changes = MountChanges(self.mount_table, sources.mount_events, sources.fanotify_probe)
         self.selector.register(self.mount_table, selectors.EVENT_READ, self._on_mounts)
         self.owners = sources.owner_exits()
         self.selector.register(self.owners, selectors.EVENT_READ, self._on_owner_exit)
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector.register(self._signal_r, selectors.EVENT_READ, self._on_signal)
         self.judge = Judge(config, log, notifier, self.owners, self._read, mountinfo_path)
-        self.mountinfo_path = mountinfo_path
-        self.mounts = mounttable.choose(
-            mounttable.switch_for(config.mount_api), path=mountinfo_path
+        self.mounts = self.judge.mounts = WatchedTable(self.mount_table, config, self._degraded)
+        on_wake = (self._on_mounts, self._on_mount_events)
+        self.changes = MountChanges(
+            self.mount_table, self.selector, on_wake, self._degraded, sources
         )
-        self.judge.mount_api = self.mounts.table.api.value
-        self.watch = self._watch_mounts()
+        self.judge.mount_events = self.changes.follow(self.mounts.choice.table).value
         self.interfaces: InterfaceWatch | None = None
         self.bus: SystemdWatch | None = None
         self.errors = ErrorLog(log)
@@ -133,15 +131,14 @@ class Daemon:
             signal.signal(signum, lambda *_: None)  # the wakeup fd carries the number
         warn_unless_in_host_mount_namespace(self.log)
         now = self.clock()
-        if self.mounts.refused:
-            self._mounts_degraded(self.mounts.reason)
-        self._say_why_not_fanotify()
         self._connect_bus(now)
         self._open_interfaces()
         self._reread(now)
         self._evaluate(now)
         self.notifier.ready()
-        journal_started(self.log, self.config, self.mounts, self.watch)
+        message = f"watching {len(self.config.rules)} target rules from {self.config.source}"
+        message += f"; {self.mounts}; {self.changes}"
+        self._event("STARTED", message, result="ready", **self.mounts.fields, **self.changes.fields)
 
     def turn(self, timeout: float | None = None) -> None:
         """Sleep until a source wakes us or a deadline is due (at most ``timeout``), then run
@@ -177,19 +174,6 @@ class Daemon:
             self.schedule = self.schedule.after_error(now)
 
     # ---- sources -----------------------------------------------------------------------------
-
-    def _watch_mounts(self) -> mountevents.Choice:
-        """Register what wakes us on a mount change, for the table's back-end."""
-        self.selector.unregister(self.changes.source)
-        choice = self.changes.switch(self.mounts.table)
-        on_wake = self._on_mounts if choice.via is Via.POLLPRI else self._on_mount_events
-        self.selector.register(self.changes.source, selectors.EVENT_READ, on_wake)
-        self.judge.mount_events = choice.via.value
-        return choice
-
-    def _say_why_not_fanotify(self) -> None:  # one entry: the kernel has them, but refused
-        if self.watch.degraded:
-            self._degraded(self.watch.reason, self.watch.reason, "no-fanotify")
 
     def _open_interfaces(self) -> None:
         try:
@@ -231,14 +215,9 @@ class Daemon:
         self.schedule = self.schedule.mounts_changed(now)
 
     def _on_mount_events(self, now: float) -> None:
-        view = frozenset(m.unique_id for m in self.judge.table.mounts if m.unique_id is not None)
-        prefixes = (rule.prefix for rule in self.config.rules)
-        wake = self.changes.drain(view, prefixes, self.schedule.reread_pending)
-        if wake.why:
-            self.log.info("%s", wake.why)
-        if wake.do is Do.FALL_BACK:
-            self._mounts_degraded(wake.why)
-        if wake.do is not Do.NOTHING:
+        if self.changes.drain(
+            self.judge.table.mounts, self.config.rules, self.schedule.reread_pending
+        ):
             self.schedule = self.schedule.mounts_changed(now)
 
     def _on_uevents(self, now: float) -> None:
@@ -311,20 +290,10 @@ class Daemon:
             self.schedule = self.schedule.evaluate_by(now)
 
     def _read(self) -> ParseResult:
-        """Every read of the table re-arms the source first, so no change slips between."""
-        parsed = None
-        if self.mounts.table.api is mounttable.MountApi.LISTMOUNT:
-            if self.watch.via is Via.POLLPRI:  # fanotify needs no re-arming: it queues events
-                self.mount_table.rearm()
-            try:
-                parsed = self.mounts.table.read(self.config.rules)
-            except OSError as exc:
-                if exc.errno in mounttable.REFUSED:  # refused after all: mountinfo from now on
-                    self._mounts_degraded(f"listmount/statmount refused ({exc})")
-                else:  # the table kept changing under the walk: this one read from mountinfo
-                    self.log.warning("reading the mount table from mountinfo once: %s", exc)
-        if parsed is None:
-            parsed = self.mount_table.read(search_needles(self.config.rules))
+        """Every read of the table goes through the source: reading re-arms it."""
+        parsed = self.mounts.read(self.config)
+        # A reload or a refusal may have changed the back-end, and with it the source.
+        self.judge.mount_events = self.changes.follow(self.mounts.choice.table).value
         self.schedule = self.schedule.reread_done(self.clock())
         self.rereads += 1
         return parsed
@@ -344,15 +313,6 @@ class Daemon:
         new = reload_config(self.config_path, self.log)
         if new is None:
             return
-        if new.mount_api != self.config.mount_api:
-            switch = mounttable.switch_for(new.mount_api)
-            self.mounts = mounttable.choose(switch, path=self.mountinfo_path)
-            self.judge.mount_api = self.mounts.table.api.value
-            if self.mounts.refused:
-                self._mounts_degraded(self.mounts.reason)
-            else:
-                self.watch = self._watch_mounts()
-                self._say_why_not_fanotify()
         self.config = self.judge.config = new
         self.judge.stale = True
         # The rules may have changed, so the sites must be found again in a fresh read.
@@ -387,15 +347,6 @@ class Daemon:
         os.close(self._signal_r)
         os.close(self._signal_w)
 
-    def _mounts_degraded(self, reason: str) -> None:
-        """The kernel API was refused on a kernel that has it: read mountinfo from now on, and
-        say so in one DEGRADED entry (an old kernel without it is not degraded, just old)."""
-        self.mounts = mounttable.Choice(mounttable.MountinfoTable(self.mountinfo_path), reason)
-        self.judge.mount_api = self.mounts.table.api.value
-        self._degraded(f"reading the mount table from mountinfo: {reason}", reason, "no-listmount")
-        if self.watch.via is Via.FANOTIFY:  # events it cannot place: back to POLLPRI
-            self.watch = self._watch_mounts()
-
     def _degraded(self, message: str, reason: str, result: str) -> None:
         self._event("DEGRADED", message, logging.WARNING, reason=reason, result=result)
 
@@ -429,22 +380,6 @@ def reload_config(path: str | None, log: logging.Logger) -> Config | None:
             result="kept-old",
         )
         return None
-
-
-def journal_started(
-    log: logging.Logger, config: Config, mounts: mounttable.Choice, watch: mountevents.Choice
-) -> None:
-    """STARTED: the rules, and how the table is read and its changes heard, with why."""
-    journal.event(
-        log,
-        "STARTED",
-        f"watching {len(config.rules)} target rules from {config.source}; mount table via "
-        f"{mounts.table.api.value}: {mounts.reason}; mount events via {watch.via.value}: "
-        f"{watch.reason}",
-        result="ready",
-        mount_api=mounts.table.api.value,
-        mount_events=watch.via.value,
-    )
 
 
 def journal_stopping(

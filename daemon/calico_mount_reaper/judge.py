@@ -20,6 +20,7 @@ from calico_mount_reaper.config import Config
 from calico_mount_reaper.liveness import find_owners, kubelet_from_processes, scan_processes
 from calico_mount_reaper.model import KubeletState, Liveness, SiteKey
 from calico_mount_reaper.mountinfo import ParseResult
+from calico_mount_reaper.mounttable import WatchedTable
 from calico_mount_reaper.notify import Notifier
 from calico_mount_reaper.plan import Assessment, Mode, plan
 from calico_mount_reaper.reaper import Table, Tally, journal_outcome, journal_report, run_pass
@@ -45,7 +46,7 @@ class Judge:
         self.table = Table((), (), ())
         self.liveness = Liveness()
         self.bus_kubelet: KubeletState | None = None  # systemd's answer, while on the bus
-        self.mount_api = "mountinfo"  # the back-end the daemon's reads go through (for STATUS=)
+        self.mounts: WatchedTable | None = None  # the daemon's table: its back-end goes in STATUS=
         self.mount_events = "pollpri"  # what wakes the daemon on a mount change (for STATUS=)
         self.timers = grace.GraceTimers()
         self.reasons: Mapping[SiteKey, str] = {}
@@ -135,9 +136,9 @@ class Judge:
         """The STATUS= line and the metrics file, after every pass."""
         items = list(assessments)
         on_bus = self.bus_kubelet is not None
-        self.notifier.status(
-            status_text(items, len(self.config.rules), on_bus, self.mount_api, self.mount_events)
-        )
+        api = "mountinfo" if self.mounts is None else self.mounts.api.value
+        api += f", events: {self.mount_events}"
+        self.notifier.status(status_text(items, len(self.config.rules), on_bus, api))
         self.counters.targets_mounted = len(items)
         self.counters.last_pass_timestamp_seconds = time.time()
         if self.config.metrics_path:
@@ -230,14 +231,12 @@ def journal_verdicts(
     return now
 
 
-def status_text(
-    assessments: list[Assessment], rules: int, on_bus: bool, mount_api: str, mount_events: str
-) -> str:
+def status_text(assessments: list[Assessment], rules: int, on_bus: bool, mount_api: str) -> str:
     held = sum(1 for a in assessments if not a.reap)
     text = f"watching {rules} target rules; {len(assessments)} mounted"
     if held:
         text += f", {held} left alone ({assessments[0].reason if held == 1 else 'see journal'})"
-    text += f"; mount table: {mount_api}, events: {mount_events}"
+    text += f"; mount table: {mount_api}"
     return text if on_bus else text + "; degraded: no D-Bus"
 
 

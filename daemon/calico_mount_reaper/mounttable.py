@@ -54,12 +54,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from calico_mount_reaper import mountinfo
-from calico_mount_reaper.config import MOUNT_API_ENV
+from calico_mount_reaper.config import MOUNT_API_ENV, Config
 from calico_mount_reaper.mountinfo import Mount, ParseResult
 from calico_mount_reaper.targets import Rule, is_within, normalize_path, search_needles
 
 TYPE_CHECKING = False  # not typing's: see cli.py
 if TYPE_CHECKING:
+    from typing import Any
+
+    from calico_mount_reaper.sources.mountinfo import MountTableWatch
     from calico_mount_reaper.statmount import Kernel, MountRecord
 
 MOUNTINFO = "/proc/self/mountinfo"
@@ -198,6 +201,68 @@ def choose(
             why = f"the kernel API failed its probe ({exc})"
         return Choice(MountinfoTable(path), why, refused=True)
     return Choice(KernelTable(kernel), "listmount/statmount (Linux 6.8+)")
+
+
+class WatchedTable:
+    """The daemon's mount table: its change watch (POLLPRI on mountinfo) and the back-end its
+    reads go through, behind one `read`.
+
+    Every read re-arms the watch first, so no change slips between. A refusal of the kernel API
+    (at the probe or later) switches to mountinfo for good, reported once through ``degraded``
+    (message, reason, result: the daemon's DEGRADED entry); a table that kept changing under the
+    walk is read from mountinfo that once, with a warning. A reload that changes ``mount_api``
+    takes effect at the next read.
+    """
+
+    choice: Choice
+    _switch: str
+    _unreported: bool  # a refusal found by the probe, not yet reported
+
+    def __init__(
+        self, watch: MountTableWatch, config: Config, degraded: Callable[[str, str, str], None]
+    ) -> None:
+        self.watch, self.degraded = watch, degraded
+        self._choose(config.mount_api)
+
+    @property
+    def api(self) -> MountApi:
+        return self.choice.table.api
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """For the journal (MOUNT_API=)."""
+        return {"mount_api": self.api.value}
+
+    def __str__(self) -> str:
+        return f"mount table via {self.api.value}: {self.choice.reason}"
+
+    def read(self, config: Config) -> ParseResult:
+        if config.mount_api != self._switch:
+            self._choose(config.mount_api)
+        if self._unreported:
+            self._unreported = False
+            self._fall_back(self.choice.reason)
+        warnings: tuple[str, ...] = ()
+        if self.api is MountApi.LISTMOUNT:
+            self.watch.rearm()
+            try:
+                return self.choice.table.read(config.rules)
+            except OSError as exc:
+                if exc.errno in REFUSED:
+                    self._fall_back(f"listmount/statmount refused ({exc})")
+                else:
+                    warnings = (f"the mount table kept changing, read from mountinfo once: {exc}",)
+        parsed = self.watch.read(search_needles(config.rules))
+        return ParseResult(parsed.mounts, (*parsed.warnings, *warnings))
+
+    def _choose(self, configured: str) -> None:
+        self._switch = configured
+        self.choice = choose(switch_for(configured), path=self.watch.path)
+        self._unreported = self.choice.refused
+
+    def _fall_back(self, reason: str) -> None:
+        self.choice = Choice(MountinfoTable(self.watch.path), reason)
+        self.degraded(f"reading the mount table from mountinfo: {reason}", reason, "no-listmount")
 
 
 def _probe() -> Kernel:

@@ -177,6 +177,7 @@ def run_pass(
     # Where each site's mount-point directory must be, as first planned: the rmdir at the end
     # goes only through that directory (safety rule 3).
     directories: dict[str, Expected] = {}
+    first_seen: frozenset[tuple[object, ...]] = frozenset()
     stale = False
     for round_ in range(MAX_ROUNDS):
         if not table.sites:
@@ -185,7 +186,13 @@ def run_pass(
             liveness = observe_liveness(config.owner_names, config.kubelet_unit)
         current = plan(table.mounts, liveness, mode, config, table.sites)
         actions = [a for a in current.actions if only is None or a.site.mount_point in only]
-        if round_ == 0:
+        if round_ > 0:
+            # Later rounds finish what the first read showed (layers of a stack, propagated
+            # copies) and nothing else: a target mounted while this pass ran is new, and gets
+            # its own verdict, grace period and look at the owners, not this pass's old ones.
+            actions = [a for a in actions if _identity(a.mount) in first_seen]
+        else:
+            first_seen = frozenset(_identity(m) for m in table.mounts)
             report.assessments = tuple(
                 a for a in current.assessments if only is None or a.site.mount_point in only
             )
@@ -212,6 +219,15 @@ def run_pass(
     if not dry_run and config.remove_mount_point:
         _remove_emptied_dirs(report, directories)
     return report
+
+
+def _identity(mount: mountinfo.Mount) -> tuple[object, ...]:
+    """What tells one mount from a later one in two reads of the table.
+
+    The unique ID does on Linux 6.8+; a reused 32-bit ID at the same path on the same
+    filesystem is the fallback's documented blind spot (SECURITY.md).
+    """
+    return mount.mount_id, mount.unique_id, mount.major_minor, mount.mount_point
 
 
 def _remove_emptied_dirs(report: PassReport, directories: Mapping[str, Expected]) -> None:

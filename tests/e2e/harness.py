@@ -676,6 +676,7 @@ def boot(
     host_network: bool = False,
     nspawn_args: Sequence[str] = (),
     timeout: float = 60,
+    machine: str = "e2e",
 ) -> Container:
     """Boot systemd on a fresh overlay of ``lower`` and wait until startup has finished.
 
@@ -686,6 +687,8 @@ def boot(
     The container gets its own network namespace unless ``host_network``: links a scenario makes
     (veth, vxlan standing in for Calico's) must not appear on the host, and their uevents, which
     the kernel delivers per network namespace, must reach the guest rather than the host.
+    ``machine`` is the container's name (and so its hostname): give containers that run at the
+    same time distinct ones.
     """
     for part in ("upper", "work", "merged", "journal", "results"):
         (run_dir / part).mkdir(parents=True)
@@ -709,7 +712,7 @@ def boot(
     args = [
         "-b",
         "-M",
-        "e2e",
+        machine,
         "--register=no",
         "--keep-unit",
         "--console=pipe",

@@ -68,6 +68,7 @@ PACKAGES = (
     "python3-sdnotify",
     "python3-pytest",
     "python3-hypothesis",
+    "python3-dbus-next",  # the adversarial suite's fake systemd on a private bus
 )
 KERNEL_PACKAGE = "linux-image-amd64"
 # Only what finds and mounts the root disk goes into the initrd (36 MB -> ~6.5 MB): the 9p

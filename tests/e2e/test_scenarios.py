@@ -94,9 +94,14 @@ def line_index(lines: Sequence[str], pattern: str, last: bool = False) -> int:
 def start_owner(c: harness.Container) -> int:
     c.run(OWNER)
     pid = c.wait_for(lambda: _main_pid(c, "calico-node-fake.service"), what="owner process")
-    argv0 = c.run(["cat", f"/proc/{pid}/cmdline"]).stdout.split("\0")[0]
-    assert argv0 == "calico-node", argv0
+    # systemd names its forked child "(bash)" until the exec, and bash's `exec -a` is a second
+    # exec: wait for the name a scan will see, not the first PID systemd reports.
+    c.wait_for(lambda: _argv0(c, pid) == "calico-node", what="the owner's exec as calico-node")
     return pid
+
+
+def _argv0(c: harness.Container, pid: int) -> str:
+    return c.run(["cat", f"/proc/{pid}/cmdline"], check=False).stdout.split("\0")[0]
 
 
 def _main_pid(c: harness.Container, unit: str) -> int:
@@ -136,7 +141,8 @@ def test_enable_now_reaches_active_with_ready(boot: Boot) -> None:
     assert "systemctl daemon-reload && systemctl enable --now calico-mount-reaper" in out, out
     assert "catalog   updated" in out, out
     again = c.run([COMMAND, "install-units"]).stdout
-    assert "wrote" not in again and again.count("unchanged") == 4, again
+    # Every file install-units manages (unit, drop-in, preset, catalog, man page) is unchanged.
+    assert "wrote" not in again and again.count("unchanged") == 5, again
 
     unit_path = f"/{install.UNIT_DIR}/{UNIT}"
     verify = c.run(["systemd-analyze", "verify", unit_path], check=False)

@@ -40,14 +40,27 @@ from tests.support import node
 from tests.support.figures import record
 from tests.support.nsutil import HostSignals, in_namespace, mount
 from tests.support.system_bus import Bus
-from tests.support.unique_ids import Path, Recorder
+from tests.support.unique_ids import Path, Recorder, has_unique_ids
 
 RACE_ITERATIONS = int(os.environ.get("RELIABILITY_RACE_ITERATIONS", "1000"))
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
 CLONE_NEWNS = 0x00020000
 MS_BIND, MS_REMOUNT, MS_RDONLY = 0x1000, 0x20, 0x1
-PATHS = pytest.mark.parametrize("path", list(Path), ids=[p.value for p in Path])
+# The unique path needs 64-bit mount IDs (Linux 6.8+); the old path runs on every kernel.
+PATHS = pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(
+            Path.UNIQUE,
+            marks=pytest.mark.skipif(
+                not has_unique_ids(), reason="no 64-bit mount IDs on this kernel (Linux < 6.8)"
+            ),
+        ),
+        Path.OLD,
+    ],
+    ids=[p.value for p in Path],
+)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -76,11 +89,21 @@ def _pass(rec: Recorder, path: Path, **kw: object) -> PassReport:
     return run_pass(Config(), Mode.NORMAL, liveness=Liveness(), read=lambda: rec.read(path), **kw)  # type: ignore[arg-type]
 
 
-def _unique_of(path: str) -> int | None:
+def _mount_of(name: str, dir_fd: int = AT_FDCWD) -> tuple[object, ...] | None:
+    """The mount at ``name`` as exactly as this kernel names one, to count harm to victims.
+
+    The 64-bit ID where the kernel has it (6.8+); before that the 32-bit ID and the device. No
+    attack here mounts at a victim's own path, so a reused old ID there cannot hide a wrong
+    unmount of it. None if the path cannot be looked at.
+    """
     try:
-        return stat_mount(os.fsencode(path), IdKind.UNIQUE).mount_id
+        unique = stat_mount(os.fsencode(name), IdKind.UNIQUE, dir_fd=dir_fd)
+        if unique.mount_id is not None:
+            return (unique.mount_id,)
+        old = stat_mount(os.fsencode(name), IdKind.OLD, dir_fd=dir_fd)
     except OSError:
         return None
+    return old.mount_id, old.major_minor
 
 
 def _tracefs(where: str) -> bool:
@@ -231,7 +254,7 @@ def _reuse_attack(
         if shape == "swap":
             os.symlink("/run/victim", "/run/calico.swap")
             _exchange("/run/calico", "/run/calico.swap")
-        return {"reused": reused, "victim_unique": _unique_of(victim)}
+        return {"reused": reused, "victim_mount": _mount_of(victim)}
 
     seen: dict[str, object] = {}
     if stalled_systemd is None:
@@ -266,7 +289,7 @@ def _reuse_attack(
         **seen,
         "results": [o.result for o in report.outcomes if o.mount.mount_id == planned.mount_id],
         "details": [o.detail for o in report.outcomes],
-        "victim_alive": _unique_of(victim) == seen["victim_unique"],
+        "victim_alive": _mount_of(victim) == seen["victim_mount"],
     }
 
 
@@ -384,14 +407,15 @@ class _Victims:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.mounts: list[tuple[int, int]] = []  # (parent dir fd, unique ID of the victim mount)
+        self.mounts: list[tuple[int, tuple[object, ...]]] = []  # (parent dir fd, `_mount_of`)
         self.dirs: list[int] = []  # parent dir fds of empty directories (and tracing instances)
 
     def add_mount(self, parent: str) -> None:
         node.mount_at("cgroup2", f"{parent}/{self.name}")
-        unique = _unique_of(f"{parent}/{self.name}")
-        assert unique is not None
-        self.mounts.append((os.open(parent, os.O_PATH | os.O_DIRECTORY), unique))
+        fd = os.open(parent, os.O_PATH | os.O_DIRECTORY)
+        victim = _mount_of(self.name, fd)
+        assert victim is not None
+        self.mounts.append((fd, victim))
 
     def add_dir(self, parent: str) -> None:
         os.makedirs(f"{parent}/{self.name}", exist_ok=True)
@@ -400,13 +424,12 @@ class _Victims:
     def harmed(self) -> tuple[int, int]:
         """(wrong unmounts, wrong rmdirs) since the last call; puts every victim back."""
         unmounted = removed = 0
-        for fd, unique in list(self.mounts):
-            found = stat_mount(os.fsencode(self.name), IdKind.UNIQUE, dir_fd=fd).mount_id
-            if found != unique:
+        for fd, victim in list(self.mounts):
+            if _mount_of(self.name, fd) != victim:
                 unmounted += 1
-                self.mounts.remove((fd, unique))
+                self.mounts.remove((fd, victim))
                 mount("none", f"/proc/self/fd/{fd}/{self.name}", "cgroup2")
-                new = _unique_of(f"/proc/self/fd/{fd}/{self.name}")
+                new = _mount_of(self.name, fd)
                 assert new is not None
                 self.mounts.append((fd, new))
         for fd in self.dirs:
