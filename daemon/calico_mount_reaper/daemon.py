@@ -1,7 +1,8 @@
 """The node daemon: one selector loop that wires event sources to the core.
 
-Sources (each a thin object over a file descriptor, opened through `Sources`): the mount table
-(POLLPRI on mountinfo), systemd over D-Bus, kernel uevents for dataplane interfaces, pidfds of
+Sources (each a thin object over a file descriptor, opened through `Sources`): mount changes
+(fanotify mount events where the kernel has them, else POLLPRI on mountinfo: `mountevents`),
+systemd over D-Bus, kernel uevents for dataplane interfaces, pidfds of
 owner processes, and signals (through a wakeup pipe). A wake only records what happened, in
 the `Judge` (what is known) and the `Schedule` (what is due); the loop then runs the jobs the
 schedule says are due: the watchdog ping, a bus retry, the safety-net rescan, a coalesced
@@ -33,6 +34,9 @@ from calico_mount_reaper.notify import Notifier, watchdog_interval
 from calico_mount_reaper.plan import Mode
 from calico_mount_reaper.reaper import MOUNTINFO, in_host_mount_namespace
 from calico_mount_reaper.schedule import ERROR_RETRY, Job, Schedule
+from calico_mount_reaper.sources import fanotify
+from calico_mount_reaper.sources.fanotify import MountEvents
+from calico_mount_reaper.sources.mountchanges import MountChanges
 from calico_mount_reaper.sources.mountinfo import MountTableWatch
 from calico_mount_reaper.sources.processes import OwnerExits
 from calico_mount_reaper.sources.systemd import (
@@ -60,11 +64,14 @@ class Sources:
     """How the daemon opens its event sources. Tests pass their own (a real source under a
     fault, a table with planted lines); the defaults are the real ones.
 
-    ``mount_table`` is the one way the daemon reads the mount table: a back-end that reads it
-    differently slots in here.
+    ``mount_table`` is the one way the daemon reads mountinfo: a back-end that reads it
+    differently slots in here. ``mount_events`` is fanotify's watch, used after
+    ``fanotify_probe`` says it works.
     """
 
     mount_table: Callable[[str], MountTableWatch] = MountTableWatch
+    mount_events: Callable[[], MountEvents] = MountEvents
+    fanotify_probe: Callable[[], fanotify.Probe] = fanotify.probe
     owner_exits: Callable[[], OwnerExits] = OwnerExits
     interfaces: Callable[[], InterfaceWatch] = InterfaceWatch
     systemd: Callable[[str], SystemdWatch] = SystemdWatch
@@ -98,6 +105,11 @@ class Daemon:
         self.selector.register(self._signal_r, selectors.EVENT_READ, self._on_signal)
         self.judge = Judge(config, log, notifier, self.owners, self._read, mountinfo_path)
         self.mounts = self.judge.mounts = WatchedTable(self.mount_table, config, self._degraded)
+        on_wake = (self._on_mounts, self._on_mount_events)
+        self.changes = MountChanges(
+            self.mount_table, self.selector, on_wake, self._degraded, sources
+        )
+        self.judge.mount_events = self.changes.follow(self.mounts.choice.table).value
         self.interfaces: InterfaceWatch | None = None
         self.bus: SystemdWatch | None = None
         self.errors = ErrorLog(log)
@@ -125,7 +137,8 @@ class Daemon:
         self._evaluate(now)
         self.notifier.ready()
         message = f"watching {len(self.config.rules)} target rules from {self.config.source}"
-        self._event("STARTED", f"{message}; {self.mounts}", result="ready", **self.mounts.fields)
+        message += f"; {self.mounts}; {self.changes}"
+        self._event("STARTED", message, result="ready", **self.mounts.fields, **self.changes.fields)
 
     def turn(self, timeout: float | None = None) -> None:
         """Sleep until a source wakes us or a deadline is due (at most ``timeout``), then run
@@ -201,6 +214,12 @@ class Daemon:
         self.mount_table.pause()
         self.schedule = self.schedule.mounts_changed(now)
 
+    def _on_mount_events(self, now: float) -> None:
+        if self.changes.drain(
+            self.judge.table.mounts, self.config.rules, self.schedule.reread_pending
+        ):
+            self.schedule = self.schedule.mounts_changed(now)
+
     def _on_uevents(self, now: float) -> None:
         assert self.interfaces is not None  # registered only once opened
         events = self.interfaces.drain()
@@ -273,6 +292,8 @@ class Daemon:
     def _read(self) -> ParseResult:
         """Every read of the table goes through the source: reading re-arms it."""
         parsed = self.mounts.read(self.config)
+        # A reload or a refusal may have changed the back-end, and with it the source.
+        self.judge.mount_events = self.changes.follow(self.mounts.choice.table).value
         self.schedule = self.schedule.reread_done(self.clock())
         self.rereads += 1
         return parsed
@@ -319,7 +340,7 @@ class Daemon:
 
     def close(self) -> None:
         signal.set_wakeup_fd(-1)
-        for source in (self.bus, self.interfaces, self.owners, self.mount_table):
+        for source in (self.bus, self.interfaces, self.owners, self.changes):
             if source is not None:
                 source.close()
         self.selector.close()

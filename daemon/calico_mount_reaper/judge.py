@@ -47,6 +47,7 @@ class Judge:
         self.liveness = Liveness()
         self.bus_kubelet: KubeletState | None = None  # systemd's answer, while on the bus
         self.mounts: WatchedTable | None = None  # the daemon's table: its back-end goes in STATUS=
+        self.mount_events = "pollpri"  # what wakes the daemon on a mount change (for STATUS=)
         self.timers = grace.GraceTimers()
         self.reasons: Mapping[SiteKey, str] = {}
         self.decommissioned = False
@@ -136,6 +137,7 @@ class Judge:
         items = list(assessments)
         on_bus = self.bus_kubelet is not None
         api = "mountinfo" if self.mounts is None else self.mounts.api.value
+        api += f", events: {self.mount_events}"
         self.notifier.status(status_text(items, len(self.config.rules), on_bus, api))
         self.counters.targets_mounted = len(items)
         self.counters.last_pass_timestamp_seconds = time.time()

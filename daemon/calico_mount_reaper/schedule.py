@@ -128,6 +128,11 @@ class Schedule:
         return max(0.0, min(deadlines) - now) if deadlines else None
 
     @property
+    def reread_pending(self) -> bool:
+        """A re-read is due (now or soon): it will see every change made before it."""
+        return self.reread.due is not None
+
+    @property
     def bus_outage_started(self) -> bool:
         """No retry pending yet: a failure now is the first of an outage (say it once)."""
         return self.bus_retry_at is None

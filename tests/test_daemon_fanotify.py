@@ -1,0 +1,157 @@
+"""The daemon on fanotify mount events (Linux 6.15+), against its POLLPRI fallback.
+
+The real daemon in private mount, PID and network namespaces (tests/support/daemon_harness.py),
+on the host's kernel (6.18 here, which has fanotify mount events; the suite skips these tests on
+a kernel without them). Re-reads are counted by the daemon's own STOPPING entry.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from calico_mount_reaper.sources import fanotify
+
+from tests.support.daemon_harness import DaemonRun
+
+CGROUP = "/run/calico/cgroup"
+NO_FANOTIFY = Path(__file__).parent / "support" / "no_fanotify.py"
+# No safety-net rescan within a test: every re-read counted is one an event caused.
+QUIET = "grace_period = 0\nrescan_interval = 3600\n"
+FORCED_MOUNTINFO = {"CALICO_MOUNT_REAPER_MOUNT_API": "mountinfo"}
+
+pytestmark = pytest.mark.skipif(
+    not fanotify.probe().available, reason="this kernel has no fanotify mount events (6.15+)"
+)
+
+# mount/umount pairs by the thousand, as pods make them: one process, no fork per mount.
+CHURN = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+path, pairs = sys.argv[1].encode(), int(sys.argv[2])
+os.makedirs(path, exist_ok=True)
+for _ in range(pairs):
+    if libc.mount(b"none", path, b"tmpfs", 0, None) or libc.umount2(path, 0):
+        raise OSError(ctypes.get_errno(), "churn")
+"""
+
+
+def churn(run: DaemonRun, path: str, pairs: int) -> None:
+    run.shell.run([sys.executable, "-c", CHURN, path, str(pairs)])
+
+
+def rereads(log: str) -> int:
+    found = re.search(r"(\d+) table re-reads", log)
+    assert found, log[-2000:]
+    return int(found.group(1))
+
+
+def started(log: str) -> str:
+    line = next((x for x in log.splitlines() if "mount events via" in x), None)
+    assert line is not None, log[-2000:]
+    return line
+
+
+def test_a_target_mount_is_noticed_through_fanotify_and_reaped(tmp_path: Path) -> None:
+    with DaemonRun(tmp_path, config=QUIET) as run:
+        run.start()
+        run.wait_notify("READY=1")
+        assert "mount events via fanotify" in started(run.log())
+        assert any("events: fanotify" in m for _, m in run.messages), run.messages
+        run.mount("cgroup2", CGROUP)
+        run.wait_until(lambda: run.mounted(CGROUP) == 0, what="reap of a mount fanotify named")
+        assert run.stop() == 0
+        log = run.log()
+    assert "calico target /run/calico/cgroup (cgroup2) appeared" in log
+    assert "DEGRADED" not in log
+
+
+def test_pod_churn_outside_every_target_costs_no_reread(tmp_path: Path) -> None:
+    with DaemonRun(tmp_path, config=QUIET) as run:
+        run.start()
+        run.wait_notify("READY=1")
+        churn(run, "/run/netns/cni-pod", 300)
+        churn(run, "/var/lib/kubelet/pods/p/volumes/kubernetes.io~projected/token", 300)
+        churn(run, "/run/calico2", 100)  # a neighbour of the prefix, not under it
+        run.collect(0.5)
+        assert run.stop() == 0
+        log = run.log()
+    assert rereads(log) == 1, log[-2000:]  # the first pass's only
+
+
+def test_the_same_churn_on_pollpri_costs_rereads(tmp_path: Path) -> None:
+    # The control for the test above: the fallback re-reads on every wake, so the count there
+    # is the one fanotify saves.
+    with DaemonRun(tmp_path, config=QUIET, env=FORCED_MOUNTINFO) as run:
+        run.start()
+        run.wait_notify("READY=1")
+        churn(run, "/run/netns/cni-pod", 300)
+        run.collect(0.5)
+        assert run.stop() == 0
+        log = run.log()
+    assert rereads(log) > 1, log[-2000:]
+
+
+def test_a_mount_under_a_prefix_rereads_and_so_does_its_detach(tmp_path: Path) -> None:
+    with DaemonRun(tmp_path, config="grace_period = 100\nrescan_interval = 3600\n") as run:
+        run.mount("cgroup2", CGROUP)
+        run.start()
+        run.wait_notify("READY=1")
+        run.mount("tmpfs", "/run/calico/other")  # not a target's type: read, judged, kept
+        run.collect(0.5)
+        run.sh("umount /run/calico/other")
+        run.collect(0.5)
+        assert run.stop() == 0
+        log = run.log()
+    # The first pass, the attach under the prefix, and its detach (a mount the view held).
+    assert rereads(log) == 3, log[-2000:]
+
+
+def test_an_overflowed_queue_relists_and_finds_the_target_it_lost(tmp_path: Path) -> None:
+    with DaemonRun(tmp_path, config=QUIET) as run:
+        run.start()
+        run.wait_notify("READY=1")
+        assert run.proc is not None
+        run.signal(signal.SIGSTOP)  # let the queue fill: 16384 events by default
+        try:
+            churn(run, "/run/netns/cni-pod", 9000)  # 18000 events
+            run.mount("cgroup2", CGROUP)  # its event is dropped: only the overflow tells
+        finally:
+            run.signal(signal.SIGCONT)
+            # nsenter stops itself when its child stops, and only wakes on its own SIGCONT.
+            os.kill(run.proc.nsenter.pid, signal.SIGCONT)
+        run.wait_until(lambda: run.mounted(CGROUP) == 0, what="reap after an overflow")
+        assert run.stop() == 0
+        log = run.log()
+    assert "fanotify mount events overflowed: re-reading the mount table" in log
+
+
+def test_forced_mountinfo_keeps_pollpri_and_still_reaps(tmp_path: Path) -> None:
+    with DaemonRun(tmp_path, config=QUIET, env=FORCED_MOUNTINFO) as run:
+        run.start()
+        run.wait_notify("READY=1")
+        assert "mount events via pollpri" in started(run.log())
+        assert any("mount table: mountinfo, events: pollpri" in m for _, m in run.messages)
+        run.mount("cgroup2", CGROUP)
+        run.wait_until(lambda: run.mounted(CGROUP) == 0, what="reap on the POLLPRI path")
+        assert run.stop() == 0
+        assert "DEGRADED" not in run.log()
+
+
+def test_a_refused_fanotify_says_so_once_and_falls_back_to_pollpri(tmp_path: Path) -> None:
+    wrapper = [sys.executable, str(NO_FANOTIFY), "1"]  # EPERM, as SystemCallFilter= gives
+    with DaemonRun(tmp_path, config=QUIET, wrapper=wrapper) as run:
+        run.start()
+        run.wait_notify("READY=1")
+        run.mount("cgroup2", CGROUP)
+        run.wait_until(lambda: run.mounted(CGROUP) == 0, what="reap on the POLLPRI path")
+        assert run.stop() == 0
+        log = run.log()
+    assert "mount table via listmount" in started(log)  # statmount is still allowed
+    assert "mount events via pollpri" in started(log)
+    degraded = [x for x in log.splitlines() if "fanotify_init" in x and "refused" in x]
+    assert len(degraded) == 2, log[-3000:]  # the DEGRADED entry, and STARTED's reason
