@@ -39,6 +39,7 @@ from calico_mount_reaper.sources.fanotify import MountEvents
 from calico_mount_reaper.sources.mountchanges import MountChanges
 from calico_mount_reaper.sources.mountinfo import MountTableWatch
 from calico_mount_reaper.sources.processes import OwnerExits
+from calico_mount_reaper.sources.signals import Signals
 from calico_mount_reaper.sources.systemd import (
     BusLost,
     BusUnavailable,
@@ -101,14 +102,12 @@ class Daemon:
         self.selector.register(self.mount_table, selectors.EVENT_READ, self._on_mounts)
         self.owners = sources.owner_exits()
         self.selector.register(self.owners, selectors.EVENT_READ, self._on_owner_exit)
-        self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.selector.register(self._signal_r, selectors.EVENT_READ, self._on_signal)
+        self.signals = Signals()
+        self.selector.register(self.signals, selectors.EVENT_READ, self._on_signal)
         self.judge = Judge(config, log, notifier, self.owners, self._read, mountinfo_path)
         self.mounts = self.judge.mounts = WatchedTable(self.mount_table, config, self._degraded)
-        on_wake = (self._on_mounts, self._on_mount_events)
-        self.changes = MountChanges(
-            self.mount_table, self.selector, on_wake, self._degraded, sources
-        )
+        wakes = (self._on_mounts, self._on_mount_events)
+        self.changes = MountChanges(self.mount_table, self.selector, wakes, self._degraded, sources)
         self.judge.mount_events = self.changes.follow(self.mounts.choice.table).value
         self.interfaces: InterfaceWatch | None = None
         self.bus: SystemdWatch | None = None
@@ -126,9 +125,7 @@ class Daemon:
 
     def start(self) -> None:
         """Signals, sources and the first pass; READY=1 once the first verdicts are out."""
-        signal.set_wakeup_fd(self._signal_w, warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
-            signal.signal(signum, lambda *_: None)  # the wakeup fd carries the number
+        self.signals.install()
         warn_unless_in_host_mount_namespace(self.log)
         now = self.clock()
         self._connect_bus(now)
@@ -141,8 +138,7 @@ class Daemon:
         self._event("STARTED", message, result="ready", **self.mounts.fields, **self.changes.fields)
 
     def turn(self, timeout: float | None = None) -> None:
-        """Sleep until a source wakes us or a deadline is due (at most ``timeout``), then run
-        every wake handler and every due job."""
+        """Sleep until a wake or a deadline (at most ``timeout``), then handle what is due."""
         wait = self.schedule.timeout(self.clock())
         if timeout is not None:
             wait = timeout if wait is None else min(wait, timeout)
@@ -215,9 +211,8 @@ class Daemon:
         self.schedule = self.schedule.mounts_changed(now)
 
     def _on_mount_events(self, now: float) -> None:
-        if self.changes.drain(
-            self.judge.table.mounts, self.config.rules, self.schedule.reread_pending
-        ):
+        pending = self.schedule.reread_pending
+        if self.changes.drain(self.judge.table.mounts, self.config.rules, pending):
             self.schedule = self.schedule.mounts_changed(now)
 
     def _on_uevents(self, now: float) -> None:
@@ -254,11 +249,7 @@ class Daemon:
         self.schedule = self.schedule.evaluate_by(now)
 
     def _on_signal(self, now: float) -> None:
-        try:
-            signums = os.read(self._signal_r, 64)
-        except BlockingIOError:
-            return
-        for signum in signums:
+        for signum in self.signals.drain():
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self.stop_requested = True
             elif signum == signal.SIGHUP:
@@ -279,11 +270,8 @@ class Daemon:
         self.schedule = self.schedule.pinged(now)
 
     def _rescan(self, now: float) -> None:
-        # Safety net for a change no event told us about: re-read the table, and a difference
-        # schedules new verdicts. Owner exits come through pidfds and every reap rescans the
-        # processes first, so /proc and the verdicts need a periodic look only where pidfds
-        # are missing, or to keep the metrics' last pass fresh. Skipping them is most of an
-        # idle wake's cost (bench/ scenario 5).
+        # Safety net: re-read the table. /proc and the verdicts only without pidfds or for the
+        # metrics: skipping them is most of an idle wake's cost (bench/ scenario 5).
         self.schedule = self.schedule.rescanned(now)
         if not self.owners.supported or self.config.metrics_path:
             self.judge.stale |= not self.owners.supported
@@ -339,13 +327,10 @@ class Daemon:
         return 0
 
     def close(self) -> None:
-        signal.set_wakeup_fd(-1)
-        for source in (self.bus, self.interfaces, self.owners, self.changes):
+        for source in (self.bus, self.interfaces, self.owners, self.changes, self.signals):
             if source is not None:
                 source.close()
         self.selector.close()
-        os.close(self._signal_r)
-        os.close(self._signal_w)
 
     def _degraded(self, message: str, reason: str, result: str) -> None:
         self._event("DEGRADED", message, logging.WARNING, reason=reason, result=result)
