@@ -55,7 +55,9 @@ def lower_for(suite: str, rootfs: dict[str, Path], tmp: pytest.TempPathFactory) 
             tarball = harness.ensure_rootfs_tarball(suite=suite, packages=OPERATOR_PACKAGES)
         except harness.Unavailable as exc:
             unavailable(str(exc))
-        lower = harness.lower_dir(fallback=tmp.mktemp(f"rootfs-{suite}"), suite=suite)
+        lower = harness.lower_dir(
+            fallback=tmp.mktemp(f"rootfs-{suite}"), suite=suite, variant="operator"
+        )
         rootfs[suite] = harness.restore_rootfs(tarball, lower)
     return rootfs[suite]
 
