@@ -96,19 +96,67 @@ def test_the_same_churn_on_pollpri_costs_rereads(tmp_path: Path) -> None:
     assert rereads(log) > 1, log[-2000:]
 
 
-def test_a_mount_under_a_prefix_rereads_and_so_does_its_detach(tmp_path: Path) -> None:
+def test_changes_under_a_prefix_update_the_view_without_a_reread(tmp_path: Path) -> None:
     with DaemonRun(tmp_path, config="grace_period = 100\nrescan_interval = 3600\n") as run:
         run.mount("cgroup2", CGROUP)
         run.start()
         run.wait_notify("READY=1")
-        run.mount("tmpfs", "/run/calico/other")  # not a target's type: read, judged, kept
-        run.collect(0.5)
-        run.sh("umount /run/calico/other")
-        run.collect(0.5)
+        run.mount("tmpfs", "/run/calico/other")  # not a target's type: placed, judged, kept
+        run.mount_stack("/run/calico/stack")  # a new site of three
+        run.wait_log("calico target /run/calico/stack (cgroup2) appeared")
+        run.wait_notify("2 mounted")
+        run.sh("umount /run/calico/other; umount /run/calico/stack")  # the top of the stack
+        run.sh("umount /run/calico/stack; umount /run/calico/stack")
+        run.wait_log("calico target /run/calico/stack (cgroup2) is gone")
+        run.wait_notify("1 mounted")
         assert run.stop() == 0
         log = run.log()
-    # The first pass, the attach under the prefix, and its detach (a mount the view held).
-    assert rereads(log) == 3, log[-2000:]
+    assert rereads(log) == 1, log[-2000:]  # the first pass's only
+
+
+def test_a_new_target_is_journaled_before_its_verdict_and_without_a_reread(
+    tmp_path: Path,
+) -> None:
+    with DaemonRun(tmp_path, config=QUIET) as run:
+        run.start()
+        run.wait_notify("READY=1")
+        run.mount("cgroup2", CGROUP)
+        run.wait_until(lambda: run.mounted(CGROUP) == 0, what="reap of the placed target")
+        assert run.stop() == 0
+        log = run.log()
+    appeared = log.index("calico target /run/calico/cgroup (cgroup2) appeared")
+    assert appeared < log.index("reaped /run/calico/cgroup"), log[-2000:]
+    # The first pass, and the reap's read after its unmount: none for the attach itself.
+    assert rereads(log) == 2, log[-2000:]
+
+
+def test_a_storm_of_short_lived_mounts_hides_no_target(tmp_path: Path) -> None:
+    # Stopped while the storm runs, so one drain holds it all: the attaches of mounts gone
+    # again in the same drain are dropped unlooked-at, and no target may go with them.
+    with DaemonRun(tmp_path, config="grace_period = 100\nrescan_interval = 3600\n") as run:
+        run.start()
+        run.wait_notify("READY=1")
+        assert run.proc is not None
+        run.signal(signal.SIGSTOP)
+        try:
+            churn(run, "/run/netns/cni-pod", 1000)
+            run.mount("cgroup2", "/run/calico/brief")  # comes and goes: nothing to see
+            run.sh("umount /run/calico/brief")
+            run.mount("cgroup2", "/run/elsewhere/cg")  # made outside, then moved in
+            run.sh("mkdir -p /run/calico/moved && mount --move /run/elsewhere/cg /run/calico/moved")
+            churn(run, "/run/calico/cgroup-churn", 200)  # tmpfs under the prefix, come and gone
+            run.mount("cgroup2", CGROUP)
+            churn(run, "/run/netns/cni-pod", 1000)
+        finally:
+            run.signal(signal.SIGCONT)
+            os.kill(run.proc.nsenter.pid, signal.SIGCONT)  # see the overflow test below
+        run.wait_notify("2 mounted")
+        assert run.stop() == 0
+        log = run.log()
+    assert "calico target /run/calico/moved (cgroup2) appeared" in log
+    assert "calico target /run/calico/cgroup (cgroup2) appeared" in log
+    assert "/run/calico/brief" not in log
+    assert "overflowed" not in log and rereads(log) == 1, log[-2000:]
 
 
 def test_an_overflowed_queue_relists_and_finds_the_target_it_lost(tmp_path: Path) -> None:

@@ -19,9 +19,6 @@ from calico_mount_reaper.sources import fanotify
 from calico_mount_reaper.sources.fanotify import (
     Change,
     Drained,
-    EventMetadata,
-    InfoHeader,
-    InfoMount,
     MountEvent,
     MountEvents,
     Why,
@@ -43,10 +40,12 @@ needs_mount_events = pytest.mark.skipif(
 
 
 def test_struct_layouts_match_the_uapi_header() -> None:
-    assert ctypes.sizeof(EventMetadata) == 24  # FAN_EVENT_METADATA_LEN
-    assert EventMetadata.mask.offset == 8 and EventMetadata.fd.offset == 16
-    assert ctypes.sizeof(InfoHeader) == 4
-    assert ctypes.sizeof(InfoMount) == 16 and InfoMount.mnt_id.offset == 8
+    # The same layouts as C would lay them out (native alignment, "@"), field by field.
+    assert fanotify.METADATA.size == 24  # FAN_EVENT_METADATA_LEN
+    assert struct.calcsize("@IBBH") == 8 and struct.calcsize("@IBBHQ") == 16  # mask at 8
+    assert fanotify.METADATA.size == struct.calcsize("@IBBHQii")
+    assert fanotify.INFO_HEADER.size == 4
+    assert fanotify.INFO_MNT.size == 16 and struct.calcsize("@BBH4x") == 8  # mnt_id at 8
 
 
 def event(mask: int, *records: bytes, vers: int = 3) -> bytes:

@@ -95,6 +95,25 @@ def test_statmount_says_what_mountinfo_says_for_every_mount_below_run() -> None:
     assert "/run/calico/we ird\nname" in shown  # raw bytes, no octal escapes
 
 
+def _located() -> tuple[object, ...]:
+    name = "/run/calico/we ird\nname"  # raw bytes, as statmount says them
+    os.makedirs(name)
+    mount("none", name, "cgroup2")
+    kernel = Kernel()
+    unique = kernel.unique_mount_id(name)
+    where = kernel.locate(unique)
+    full = kernel.statmount(unique)  # the small ask leaves the reply buffer fit for a big one
+    assert ctypes.CDLL(None).umount2(os.fsencode(name), 0) == 0
+    return where, (full.mount_point, full.unique_parent_id, full.fstype), kernel.locate(unique)
+
+
+def test_locate_names_the_mount_point_and_parent_and_none_once_gone() -> None:
+    where, full, gone = in_namespace(_located)
+    assert isinstance(where, tuple) and isinstance(full, tuple)
+    assert where == full[:2] and where[0] == "/run/calico/we ird\nname" and full[2] == "cgroup2"
+    assert gone is None  # ENOENT is an answer here, not an error
+
+
 def _paged_listing() -> tuple[list[int], list[int]]:
     for i in range(7):
         os.makedirs(f"/run/m{i}", exist_ok=True)

@@ -36,7 +36,7 @@ from calico_mount_reaper.reaper import MOUNTINFO, in_host_mount_namespace
 from calico_mount_reaper.schedule import ERROR_RETRY, Job, Schedule
 from calico_mount_reaper.sources import fanotify
 from calico_mount_reaper.sources.fanotify import MountEvents
-from calico_mount_reaper.sources.mountchanges import MountChanges
+from calico_mount_reaper.sources.mountchanges import Do, MountChanges
 from calico_mount_reaper.sources.mountinfo import MountTableWatch
 from calico_mount_reaper.sources.processes import OwnerExits
 from calico_mount_reaper.sources.signals import Signals
@@ -108,7 +108,7 @@ class Daemon:
         self.mounts = self.judge.mounts = WatchedTable(self.mount_table, config, self._degraded)
         wakes = (self._on_mounts, self._on_mount_events)
         self.changes = MountChanges(self.mount_table, self.selector, wakes, self._degraded, sources)
-        self.judge.mount_events = self.changes.follow(self.mounts.choice.table).value
+        self.judge.mount_events = self.changes.follow(self.mounts, config.rules).value
         self.interfaces: InterfaceWatch | None = None
         self.bus: SystemdWatch | None = None
         self.errors = ErrorLog(log)
@@ -146,16 +146,16 @@ class Daemon:
             self._survive(key.data)
         if self.reload_requested:
             self._survive(self._reload)
-        jobs = {
-            Job.PING: self._ping,
-            Job.BUS_RETRY: self._connect_bus,
-            Job.RESCAN: self._rescan,
-            Job.REREAD: self._reread,
-            Job.EVALUATE: self._evaluate,
-        }
-        for job in Job:  # each is checked after the one before it ran: see Job
+        jobs = (  # pairs, not a dict: an Enum's hash is a Python call, on every wake
+            (Job.PING, self._ping),
+            (Job.BUS_RETRY, self._connect_bus),
+            (Job.RESCAN, self._rescan),
+            (Job.REREAD, self._reread),
+            (Job.EVALUATE, self._evaluate),
+        )
+        for job, step in jobs:  # each is checked after the one before it ran: see Job
             if self.schedule.is_due(job, self.clock()):
-                self._survive(jobs[job])
+                self._survive(step)
 
     def _survive(self, step: Callable[[float], None]) -> None:
         """Run one step; an OSError from the node (EMFILE, ENOMEM, EACCES...) is logged and
@@ -211,8 +211,10 @@ class Daemon:
         self.schedule = self.schedule.mounts_changed(now)
 
     def _on_mount_events(self, now: float) -> None:
-        pending = self.schedule.reread_pending
-        if self.changes.drain(self.judge.table.mounts, self.config.rules, pending):
+        wake = self.changes.drain(self.judge.table.mounts, self.schedule.reread_pending)
+        if wake.do is Do.UPDATE and self.judge.take_mounts(wake.mounts):  # journaled at once
+            self.schedule = self.schedule.evaluate_by(now)
+        elif wake.do in (Do.REREAD, Do.FALL_BACK):
             self.schedule = self.schedule.mounts_changed(now)
 
     def _on_uevents(self, now: float) -> None:
@@ -281,7 +283,7 @@ class Daemon:
         """Every read of the table goes through the source: reading re-arms it."""
         parsed = self.mounts.read(self.config)
         # A reload or a refusal may have changed the back-end, and with it the source.
-        self.judge.mount_events = self.changes.follow(self.mounts.choice.table).value
+        self.judge.mount_events = self.changes.follow(self.mounts, self.config.rules).value
         self.schedule = self.schedule.reread_done(self.clock())
         self.rereads += 1
         return parsed

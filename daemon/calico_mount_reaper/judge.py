@@ -19,7 +19,7 @@ from calico_mount_reaper import grace, journal, metrics
 from calico_mount_reaper.config import Config
 from calico_mount_reaper.liveness import find_owners, kubelet_from_processes, scan_processes
 from calico_mount_reaper.model import KubeletState, Liveness, SiteKey
-from calico_mount_reaper.mountinfo import ParseResult
+from calico_mount_reaper.mountinfo import Mount, ParseResult
 from calico_mount_reaper.mounttable import WatchedTable
 from calico_mount_reaper.notify import Notifier
 from calico_mount_reaper.plan import Assessment, Mode, plan
@@ -67,6 +67,10 @@ class Judge:
 
     def take_read(self) -> bool:
         return self.take(Table.of(self.read(), self.config))
+
+    def take_mounts(self, mounts: tuple[Mount, ...]) -> bool:
+        """Take the view that mount events updated without a read (`mountevents`)."""
+        return self.take(Table.of(ParseResult(mounts, self.table.warnings), self.config))
 
     def set_kubelet(self, state: KubeletState | None) -> None:
         """systemd's view of kubelet, or None when the bus is gone (then: its process)."""

@@ -27,6 +27,9 @@ Subtree reads on the kernel API, per rule prefix:
 3. listmount from there, statmount each listed mount, keep those at or below the prefix
    (component-wise, as `targets.is_within`).
 
+Each read also keeps its `Reach`: the mounts above the prefixes it listed from. With it, the
+daemon places a mount that fanotify reports attached without reading again (`mountevents`).
+
 Kernels differ in what listmount returns: every mount below the one asked about (6.18 here),
 or only its direct children (the first version, 6.8). `_Walk` handles both: it goes down
 into a listed mount that can hold a target unless the kernel has already shown it lists whole
@@ -91,10 +94,27 @@ REFUSED = frozenset({errno.ENOSYS, errno.EPERM, errno.EACCES, errno.ENOTSUP})
 RACE_RETRIES = 2
 
 
+@dataclass(frozen=True)
+class Reach:
+    """What a kernel-API read reached besides the mounts it returned: enough for the daemon to
+    place a mount that fanotify reports attached without reading again (`mountevents`).
+
+    ``anchors``: the mounts above every prefix that the read listed from or through (the mount
+    a prefix lives on, a stack under it), whose mount point covers a prefix. A mount attached
+    below a prefix onto one of them, or onto a mount the read returned, is one the same read
+    would find now; one attached anywhere else may lie where the read does not reach.
+    ``spellings``: the prefixes as read, the ``/var/run`` ones included.
+    """
+
+    anchors: frozenset[int]
+    spellings: tuple[str, ...]
+
+
 class MountTable:
     """What a pass reads the table through. `read` gives the mounts the rules can care about."""
 
     api: MountApi
+    reach: Reach | None = None  # of the last read, where the back-end can tell (kernel API)
 
     def read(self, rules: Sequence[Rule]) -> ParseResult:
         raise NotImplementedError
@@ -146,7 +166,9 @@ class KernelTable(MountTable):
                 continue
             break
         self._subtrees = walk.subtrees
-        return ParseResult(to_mounts(walk.records.values(), prefixes))
+        mounts = to_mounts(walk.records.values(), prefixes)
+        self.reach = walk.reach({m.unique_id for m in mounts})
+        return ParseResult(mounts)
 
 
 def switch_for(configured: str, environ: Mapping[str, str] = os.environ) -> Switch:
@@ -222,6 +244,8 @@ class WatchedTable:
         self, watch: MountTableWatch, config: Config, degraded: Callable[[str, str, str], None]
     ) -> None:
         self.watch, self.degraded = watch, degraded
+        # The last read's `Reach`: None unless it went through the kernel API and completed.
+        self.reach: Reach | None = None
         self._choose(config.mount_api)
 
     @property
@@ -243,10 +267,14 @@ class WatchedTable:
             self._unreported = False
             self._fall_back(self.choice.reason)
         warnings: tuple[str, ...] = ()
+        self.reach = None
         if self.api is MountApi.LISTMOUNT:
             self.watch.rearm()
+            table = self.choice.table
             try:
-                return self.choice.table.read(config.rules)
+                parsed = table.read(config.rules)
+                self.reach = table.reach
+                return parsed
             except OSError as exc:
                 if exc.errno in REFUSED:
                     self._fall_back(f"listmount/statmount refused ({exc})")
@@ -317,6 +345,11 @@ def var_run_spellings(
     return ["/var" + p for p in prefixes if real and (p == "/run" or p.startswith("/run/"))]
 
 
+def covers(mount_point: str, prefix: str) -> bool:
+    """Is ``mount_point`` strictly above ``prefix`` (a mount there can hide all of it)?"""
+    return mount_point != prefix and is_within(prefix, mount_point)
+
+
 def nearest_existing(prefix: str, lstat: Callable[[str], os.stat_result] = os.lstat) -> str:
     """The longest leading part of ``prefix`` that is a real directory, reached without following
     a symlink: a component that is missing, a symlink or not a directory ends the walk."""
@@ -345,6 +378,9 @@ class _Walk:
         self.records: dict[int, MountRecord] = {}
         self.subtrees = subtrees  # None until a listing shows which kind of kernel this is
         self._listed: set[int] = set()
+        # The mounts the read listed from, and every one it stat'ed from a listing: the base
+        # and its descendants. Not the base's parent, stat'ed only to stop the walk up.
+        self._reached: set[int] = set()
 
     def stat(self, unique_id: int) -> MountRecord | None:
         record = self.records.get(unique_id)
@@ -380,6 +416,7 @@ class _Walk:
 
     def read_below(self, prefix: str) -> None:
         pending = [self.base(prefix).unique_id]
+        self._reached.update(pending)
         while pending:
             listed_from = pending.pop()
             if listed_from not in self._listed:
@@ -399,6 +436,7 @@ class _Walk:
             record = self.stat(unique_id)
             if record is None:
                 continue
+            self._reached.add(unique_id)
             if record.unique_parent_id != listed_from:
                 self.subtrees = True  # a grandchild: this kernel lists whole subtrees
             top = outer.get(record.unique_parent_id)
@@ -412,6 +450,16 @@ class _Walk:
             elif self.subtrees is not True:
                 deeper.append(unique_id)
         return deeper
+
+    def reach(self, returned: set[int | None]) -> Reach:
+        """The read's `Reach`, given the IDs of the mounts it ``returned``."""
+        anchors = frozenset(
+            unique_id
+            for unique_id in self._reached
+            if unique_id not in returned
+            and any(covers(self.records[unique_id].mount_point, p) for p in self.prefixes)
+        )
+        return Reach(anchors, tuple(self.prefixes))
 
     def _may_hold(self, mount_point: str) -> bool:
         """Can mounts below this one be at or below a prefix (as spelt, /var/run included)?"""

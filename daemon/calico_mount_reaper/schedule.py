@@ -105,13 +105,18 @@ class Schedule:
     # ---- asking ------------------------------------------------------------------------------
 
     def deadline(self, job: Job) -> float | None:
-        return {
-            Job.PING: self.ping_at,
-            Job.BUS_RETRY: self.bus_retry_at,
-            Job.RESCAN: self.rescan_at,
-            Job.REREAD: self.reread.due,
-            Job.EVALUATE: self.evaluate_at,
-        }[job]
+        # Compared by identity, not looked up in a dict built per call: the loop asks this for
+        # every job on every wake (an Enum's hash is a Python-level call).
+        if job is Job.PING:
+            return self.ping_at
+        if job is Job.BUS_RETRY:
+            return self.bus_retry_at
+        if job is Job.RESCAN:
+            return self.rescan_at
+        if job is Job.REREAD:
+            return self.reread.due
+        assert job is Job.EVALUATE
+        return self.evaluate_at
 
     def is_due(self, job: Job, now: float) -> bool:
         when = self.deadline(job)

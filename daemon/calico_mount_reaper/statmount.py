@@ -49,6 +49,9 @@ WANT = (
     | STATMOUNT_FS_TYPE
 )
 
+# Where a mount is attached, and nothing else: what a fanotify mount event needs to be judged.
+WHERE = STATMOUNT_MNT_BASIC | STATMOUNT_MNT_POINT
+
 # Mount points are at most PATH_MAX; four strings of that fit with room to spare. A reply that
 # still does not fit is EOVERFLOW, and the call is retried with a bigger buffer.
 _STRINGS = 4 * 4096
@@ -148,8 +151,7 @@ class Kernel:
         self._req = MntIdReq(size=MNT_ID_REQ_SIZE_VER0)
         self._req_ref = ctypes.byref(self._req)
         self._ids = (ctypes.c_uint64 * batch)()
-        self._reply_size = ctypes.sizeof(StatmountHeader) + _STRINGS
-        self._reply = ctypes.create_string_buffer(self._reply_size)
+        self._grow(ctypes.sizeof(StatmountHeader) + _STRINGS)
         self._want = WANT | STATMOUNT_SB_SOURCE
 
     def listmount(self, mnt_id: int) -> list[int]:
@@ -173,24 +175,10 @@ class Kernel:
 
     def statmount(self, mnt_id: int) -> MountRecord:
         """statmount of one mount by unique ID; ENOENT once it is gone."""
-        req = self._req
-        req.mnt_id = mnt_id
-        while True:
-            req.param = self._want
-            size = ctypes.c_size_t(self._reply_size)
-            result = int(self._syscall(_STATMOUNT, self._req_ref, self._reply, size, _NO_FLAGS))
-            if result == 0:
-                break
-            err = ctypes.get_errno()
-            if err == errno.EOVERFLOW:  # a string longer than the room we left: grow once more
-                self._reply_size *= 2
-                self._reply = ctypes.create_string_buffer(self._reply_size)
-            elif err == errno.EINVAL and self._want & STATMOUNT_SB_SOURCE:
-                # A kernel that refuses mask bits it does not know: ask for what 6.8 has.
-                self._want = WANT
-            else:
-                raise _raise("statmount", err, mnt_id)
-        head = StatmountHeader.from_buffer(self._reply)
+        err = self._call(mnt_id, full=True)
+        if err:
+            raise _raise("statmount", err, mnt_id)
+        head = self._head
         raw = ctypes.string_at(self._reply, head.size)  # the header and the strings used
         base = ctypes.sizeof(StatmountHeader)
 
@@ -215,6 +203,44 @@ class Kernel:
             fstype=text(head.fs_type),
             source=text(head.sb_source) if head.mask & STATMOUNT_SB_SOURCE else None,
         )
+
+    def locate(self, mnt_id: int) -> tuple[str, int] | None:
+        """Where mount ``mnt_id`` is attached: its mount point and its parent's unique ID, or
+        None once it is gone (ENOENT). The question a mount event asks, in one statmount with
+        the smallest mask; the daemon asks it for every mount attached anywhere on the node."""
+        err = self._call(mnt_id, full=False)
+        if err:
+            if err == errno.ENOENT:
+                return None
+            raise _raise("statmount", err, mnt_id)
+        head = self._head
+        point = ctypes.string_at(self._strings + head.mnt_point)
+        return point.decode("utf-8", "surrogateescape"), int(head.mnt_parent_id)
+
+    def _call(self, mnt_id: int, *, full: bool) -> int:
+        """One statmount into the reply buffer: 0, or the errno it failed with."""
+        req = self._req
+        req.mnt_id = mnt_id
+        while True:
+            req.param = self._want if full else WHERE
+            size = ctypes.c_size_t(self._reply_size)
+            result = int(self._syscall(_STATMOUNT, self._req_ref, self._reply, size, _NO_FLAGS))
+            if result == 0:
+                return 0
+            err = ctypes.get_errno()
+            if err == errno.EOVERFLOW:  # a string longer than the room we left: grow once more
+                self._grow(self._reply_size * 2)
+            elif err == errno.EINVAL and full and self._want & STATMOUNT_SB_SOURCE:
+                # A kernel that refuses mask bits it does not know: ask for what 6.8 has.
+                self._want = WANT
+            else:
+                return err
+
+    def _grow(self, size: int) -> None:
+        self._reply_size = size
+        self._reply = ctypes.create_string_buffer(size)
+        self._head = StatmountHeader.from_buffer(self._reply)
+        self._strings = ctypes.addressof(self._reply) + ctypes.sizeof(StatmountHeader)
 
     def unique_mount_id(self, path: str) -> int:
         """The unique ID of the mount ``path`` itself is on (the last component not followed).

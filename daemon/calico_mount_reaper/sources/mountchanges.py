@@ -1,4 +1,4 @@
-"""Mount changes as the daemon hears them: fanotify events placed by statmount, or POLLPRI.
+"""Mount changes as the daemon hears them: fanotify events applied to its view, or POLLPRI.
 
 The shell around `mountevents`: it opens the source `mountevents.choose` picks, turns each
 fanotify wake into one `Wake` (what the daemon must do), and keeps the mountinfo watch for
@@ -11,16 +11,16 @@ import enum
 import errno
 import logging
 import selectors
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from calico_mount_reaper import mountevents, mounttable
 from calico_mount_reaper.journal import LOGGER_NAME
-from calico_mount_reaper.mountevents import Effect, Use, Via
+from calico_mount_reaper.mountevents import FETCH, NONE, Effect, Step, Use, Via, View
 from calico_mount_reaper.mountinfo import Mount
 from calico_mount_reaper.sources import fanotify
-from calico_mount_reaper.sources.fanotify import Change, MountEvents
+from calico_mount_reaper.sources.fanotify import Change, MountEvent, MountEvents
 from calico_mount_reaper.sources.mountinfo import MountTableWatch
 from calico_mount_reaper.targets import Rule
 
@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 
 
 class Do(enum.Enum):
-    NOTHING = "nothing"  # no event could change what a pass sees
-    REREAD = "reread"  # an event can have: re-read the target subtrees (coalesced)
+    NOTHING = "nothing"  # no event changed what a pass sees
+    UPDATE = "update"  # the events said exactly what changed: `Wake.mounts` (journal it now)
+    REREAD = "reread"  # an event can have changed it in ways only a re-read tells (coalesced)
     FALL_BACK = "fall-back"  # statmount was refused: mountinfo and POLLPRI from now on
 
 
@@ -39,6 +40,7 @@ class Do(enum.Enum):
 class Wake:
     do: Do
     why: str = ""  # for the log, when it is worth a line
+    mounts: tuple[Mount, ...] = ()  # UPDATE: the view after the events
 
 
 Handler = Callable[[float], None]
@@ -77,6 +79,9 @@ class MountChanges:
         self.table: mounttable.MountTable | None = None  # the back-end `switch` was given
         self._kernel: Kernel | None = None
         self.choice = mountevents.choose(Use.MOUNTINFO, None)
+        self._reach: mounttable.Reach | None = None  # of the read the daemon's view came from
+        self._prefixes: tuple[str, ...] = ()  # of the rules that read was made with
+        self._view = View((), None, ())  # the last view events were applied to
 
     @property
     def source(self) -> MountEvents | MountTableWatch:
@@ -90,8 +95,11 @@ class MountChanges:
     def __str__(self) -> str:
         return f"mount events via {self.choice.via.value}: {self.choice.reason}"
 
-    def follow(self, table: mounttable.MountTable) -> Via:
-        """Register the source for ``table``'s back-end, unless already done for it."""
+    def follow(self, mounts: mounttable.WatchedTable, rules: Sequence[Rule]) -> Via:
+        """After each read of ``mounts`` (with ``rules``): register the source for its back-end,
+        unless already done for it, and apply later events to the view that read gave."""
+        self._reach, self._prefixes = mounts.reach, tuple(rule.prefix for rule in rules)
+        table = mounts.choice.table
         if table is not self.table:
             self.selector.unregister(self.source)
             choice = self.switch(table)
@@ -124,48 +132,49 @@ class MountChanges:
         self.choice = choice
         return choice
 
-    def drain(self, held: Iterable[Mount], rules: Iterable[Rule], reread_pending: bool) -> bool:
-        """Whether the queued events call for a re-read (why is logged when worth a line).
-        ``held``: the mounts in the daemon's view. With a re-read already pending, that read
-        sees every change before it: the events are only drained. A refused statmount asks
-        for a re-read too: the read meets the refusal itself, falls back and says so."""
-        wake = self._wake(held, rules, reread_pending)
-        if wake.why:
-            self.log.info("%s", wake.why)
-        return wake.do is not Do.NOTHING
-
-    def _wake(self, held: Iterable[Mount], rules: Iterable[Rule], reread_pending: bool) -> Wake:
+    def drain(self, view: Sequence[Mount], reread_pending: bool) -> Wake:
+        """What the queued events mean for ``view`` (the mounts the daemon holds, as the last
+        read or the last UPDATE gave them); why is logged when worth a line. With a re-read
+        already pending, that read sees every change before it: the events are only drained.
+        A refused statmount asks for a re-read too: the read meets the refusal itself, falls
+        back and says so."""
         assert self.events is not None and self._kernel is not None  # registered while open
         drained = self.events.drain()
         if reread_pending:
             return Wake(Do.NOTHING)
         if drained.relist_needed:
             lost = "overflowed" if drained.overflow else f"{drained.undecodable} not understood"
-            return Wake(Do.REREAD, f"fanotify mount events {lost}: re-reading the mount table")
-        view = frozenset(m.unique_id for m in held if m.unique_id is not None)
-        prefixes = [rule.prefix for rule in rules]
-        for event in drained.events:
-            try:
-                where = None if event.change is Change.DETACHED else self._place(event.mount_id)
-            except OSError as exc:
-                if exc.errno in mounttable.REFUSED:
-                    return Wake(Do.FALL_BACK, f"statmount refused ({exc})")
-                return Wake(Do.REREAD, f"cannot place mount {event.mount_id}: {exc}; re-reading")
-            if mountevents.effect(event, view, where, prefixes) is Effect.REREAD:
-                return Wake(Do.REREAD)
-        return Wake(Do.NOTHING)
+            wake = Wake(Do.REREAD, f"fanotify mount events {lost}: re-reading the mount table")
+        elif drained.events:
+            wake = self._apply(self._view_of(view), drained.events)
+        else:
+            return Wake(Do.NOTHING)
+        if wake.why:
+            self.log.info("%s", wake.why)
+        return wake
 
-    def _place(self, mount_id: int) -> str | None:
-        """Where an attached mount is now (one statmount), or None if it is already gone."""
-        from calico_mount_reaper.statmount import ApiError
+    def _view_of(self, mounts: Sequence[Mount]) -> View:
+        """The `View` of the daemon's mounts, built again only when they or the read changed."""
+        if self._view.mounts is not mounts or self._view.reach is not self._reach:
+            self._view = View.of(mounts, self._reach, self._prefixes)
+        return self._view
 
+    def _apply(self, view: View, events: Sequence[MountEvent]) -> Wake:
         assert self._kernel is not None
         try:
-            return self._kernel.statmount(mount_id).mount_point
-        except ApiError as exc:
-            if exc.errno == errno.ENOENT:
-                return None  # detached again: its detach follows, and the view never held it
-            raise
+            step = apply_events(view, events, self._kernel)
+        except OSError as exc:
+            if exc.errno in mounttable.REFUSED:
+                return Wake(Do.FALL_BACK, f"statmount refused ({exc})")
+            return Wake(Do.REREAD, f"cannot place an attached mount ({exc}); re-reading")
+        if step.effect is Effect.REREAD:
+            # Routine (a mount over a prefix, say): a line for whoever debugs, not the journal.
+            self.log.debug("%s: re-reading the target subtrees", step.why)
+            return Wake(Do.REREAD)
+        if step.view is None:
+            return Wake(Do.NOTHING)
+        self._view = step.view
+        return Wake(Do.UPDATE, mounts=step.view.mounts)
 
     def _close_events(self) -> None:
         if self.events is not None:
@@ -175,3 +184,38 @@ class MountChanges:
     def close(self) -> None:
         self._close_events()
         self.watch.close()
+
+
+def apply_events(view: View, events: Sequence[MountEvent], kernel: Kernel) -> Step:
+    """One drain's events applied to ``view`` in order: the view after them (CHANGED), NONE,
+    or the first REREAD. Raises the kernel's OSError (`statmount.ApiError`) for the caller."""
+    start = view
+    for event in mountevents.settled(events):
+        step = apply_event(view, event, kernel)
+        if step.effect is Effect.REREAD:
+            return step
+        if step.view is not None:
+            view = step.view
+    return NONE if view is start else Step(Effect.CHANGED, view)
+
+
+def apply_event(view: View, event: MountEvent, kernel: Kernel) -> Step:
+    """One event applied to ``view``: at most two statmounts, the second only for a mount
+    the view takes in."""
+    if event.change is Change.DETACHED:
+        return mountevents.on_detach(view, event.mount_id)
+    step = mountevents.on_attach(view, event.mount_id, kernel.locate(event.mount_id))
+    if step is not FETCH:
+        return step
+    from calico_mount_reaper.statmount import ApiError
+
+    try:
+        record = kernel.statmount(event.mount_id)
+    except ApiError as exc:
+        if exc.errno == errno.ENOENT:
+            return NONE  # gone since it was located: its detach follows
+        raise
+    # Judged again where its record says it is: it may have moved since it was located.
+    where = (record.mount_point, record.unique_parent_id)
+    step = mountevents.on_attach(view, event.mount_id, where)
+    return Step(Effect.CHANGED, view.placed(mounttable.to_mount(record))) if step is FETCH else step
