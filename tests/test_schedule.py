@@ -163,6 +163,19 @@ def test_the_loop_never_sleeps_past_a_deadline_that_wakes_it(
                 assert wait is not None and now + wait <= max(when, now)
 
 
+@given(events, st.sampled_from([None, 0.5, 30.0]), st.floats(0, 5))
+def test_any_due_says_whether_the_loop_has_a_job_to_look_at(
+    steps: list[tuple[str, float, bool]], half_watchdog: float | None, later: float
+) -> None:
+    now = 0.0
+    s = Schedule.start(now, rescan_every=2.0, half_watchdog=half_watchdog)
+    for kind, dt, flag in steps:
+        now += dt
+        s = apply(s, kind, now, dt, flag)
+        for when in (now, now + later):
+            assert s.any_due(when) == bool(due(s, when))
+
+
 @pytest.mark.parametrize(
     ("policy", "going_down", "final"),
     [

@@ -74,6 +74,17 @@ def test_decode_attach_detach_and_a_move_in_kernel_order() -> None:
     assert not decode(buf).relist_needed
 
 
+def test_the_usual_shape_decodes_in_one_sweep_and_anything_else_falls_to_the_careful_path() -> None:
+    usual = event(fanotify.FAN_MNT_ATTACH, mnt_record(5))
+    odd = event(0x1, mnt_record(6))  # 40 bytes too, but FAN_ACCESS: not a mount event
+    overflow = event(fanotify.FAN_Q_OVERFLOW) + event(fanotify.FAN_Q_OVERFLOW, b"\0" * 32)
+    assert len(usual) == len(odd) == fanotify.MOUNT_EVENT.size and len(overflow) % 40 == 0
+    got = decode(usual + odd + usual)
+    assert got.events == (MountEvent(Change.ATTACHED, 5),) * 2 and got.undecodable == 1
+    assert decode(usual + overflow).overflow
+    assert decode(usual * 3) == Drained((MountEvent(Change.ATTACHED, 5),) * 3)
+
+
 def test_decode_skips_unknown_records_before_the_mount_record() -> None:
     unknown = struct.pack("<BBH", 99, 0, 8) + b"\0" * 4
     assert decode(event(fanotify.FAN_MNT_ATTACH, unknown, mnt_record(5))).events == (

@@ -146,15 +146,15 @@ class Daemon:
             self._survive(key.data)
         if self.reload_requested:
             self._survive(self._reload)
-        jobs = (  # pairs, not a dict: an Enum's hash is a Python call, on every wake
+        jobs = (  # pairs, not a dict: an Enum's hash is a Python call
             (Job.PING, self._ping),
             (Job.BUS_RETRY, self._connect_bus),
             (Job.RESCAN, self._rescan),
             (Job.REREAD, self._reread),
             (Job.EVALUATE, self._evaluate),
         )
-        for job, step in jobs:  # each is checked after the one before it ran: see Job
-            if self.schedule.is_due(job, self.clock()):
+        for job, step in jobs if self.schedule.any_due(self.clock()) else ():
+            if self.schedule.is_due(job, self.clock()):  # after the one before it ran: see Job
                 self._survive(step)
 
     def _survive(self, step: Callable[[float], None]) -> None:

@@ -148,7 +148,8 @@ def on_attach(view: View, mount_id: int, where: tuple[str, int] | None) -> Step:
         # It hides or reveals everything below a prefix, and it can move the mount a read
         # lists from: the anchors themselves change.
         return Step(Effect.REREAD, why=f"a mount over a prefix at {mount_point}")
-    path = normalize_path(mount_point)
+    # The kernel's mount points are canonical already: only /var/run needs folding.
+    path = normalize_path(mount_point) if mount_point.startswith("/var/run") else mount_point
     inside = any(is_within(path, p) for p in view.prefixes)
     if reach is None:
         return Step(Effect.REREAD, why="the view holds no mount IDs") if inside else NONE

@@ -124,13 +124,18 @@ class Schedule:
 
     def timeout(self, now: float) -> float | None:
         """How long the loop may sleep: until the earliest deadline that wakes it."""
-        waking = [Job.PING, Job.REREAD, Job.EVALUATE]
+        waking = [self.ping_at, self.reread.due, self.evaluate_at]
         if self.ping_at is None:
-            waking.append(Job.RESCAN)
+            waking.append(self.rescan_at)
         if self.bus_wakes or self.ping_at is None:
-            waking.append(Job.BUS_RETRY)
-        deadlines = [d for d in map(self.deadline, waking) if d is not None]
+            waking.append(self.bus_retry_at)
+        deadlines = [d for d in waking if d is not None]
         return max(0.0, min(deadlines) - now) if deadlines else None
+
+    def any_due(self, now: float) -> bool:
+        """Whether any job is due: a wake for an event that changed nothing asks only this."""
+        deadlines = (self.ping_at, self.bus_retry_at, self.rescan_at, self.reread.due)
+        return any(d is not None and now >= d for d in (*deadlines, self.evaluate_at))
 
     @property
     def reread_pending(self) -> bool:
