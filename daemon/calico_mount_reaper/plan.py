@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 from calico_mount_reaper.model import Liveness
 from calico_mount_reaper.mountinfo import Mount
@@ -55,6 +55,17 @@ class Site:
         return frozenset(m.mount_id for m in self.members)
 
 
+class SiteFields(TypedDict):
+    """What every journal entry about one site carries, typed so that it can be spread into
+    journal.event() next to its own keyword arguments."""
+
+    mount_point: str
+    mount_id: int
+    fstype: str
+    target: str
+    reason: str
+
+
 @dataclass(frozen=True)
 class Assessment:
     site: Site
@@ -62,6 +73,17 @@ class Assessment:
     reason: str
     owners: tuple[tuple[int, str], ...]  # (pid, name) of live owners
     reap: bool  # whether this mode allows reaping it now
+
+    def journal_fields(self) -> SiteFields:
+        """The fields every journal entry about this site carries (VERDICT, REAPED), so that
+        `journalctl MOUNT_POINT=...` or `TARGET=calico` finds all of them alike."""
+        return {
+            "mount_point": self.site.mount_point,
+            "mount_id": self.site.roots[0].mount_id,
+            "fstype": self.site.roots[0].fstype,
+            "target": self.site.rule.name,
+            "reason": self.reason,
+        }
 
 
 @dataclass(frozen=True)
