@@ -29,6 +29,14 @@ pytestmark = pytest.mark.skipif(
     not fanotify.probe().available, reason="this kernel has no fanotify mount events (6.15+)"
 )
 
+
+@pytest.fixture(autouse=True)
+def _kernel_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fanotify path comes with the kernel-API table: probe for it even in the suite's
+    forced-mountinfo round (tests/run); the tests of the fallback ask for it themselves."""
+    monkeypatch.setenv("CALICO_MOUNT_REAPER_MOUNT_API", "auto")
+
+
 # mount/umount pairs by the thousand, as pods make them: one process, no fork per mount.
 CHURN = """
 import ctypes, os, sys
