@@ -6,7 +6,7 @@ Two sources can wake the daemon when the mount table changes:
   so one statmount tells where it is. Pod churn elsewhere on the node (container rootfs, netns,
   secrets, each a mount or several) costs one small statmount per attach and nothing per
   detach. A change under a rule prefix updates the view directly (`on_attach`, `on_detach`),
-  so a new target is in the view, and journaled, within one statmount of its event.
+  so a new target is in the view, and journaled, two statmounts after its event.
 - ``pollpri`` (`sources.mountinfo`): POLLPRI on mountinfo only says "something changed", so
   every change anywhere costs a coalesced re-read.
 
