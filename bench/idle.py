@@ -10,7 +10,7 @@ each one sends uevents the daemon's monitor hears.
 
 Every wake-up is attributed: the daemon's voluntary context switches (each a sleep it chose,
 so one wake) are sampled every SAMPLE seconds, and each increase is put down to a watchdog
-ping sent in that interval, a uevent heard up to SETTLE seconds before it, or else "other".
+ping or a uevent up to SETTLE seconds before it, or else "other".
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ UNIT = Path(__file__).resolve().parent.parent / "systemd" / "calico-mount-reaper
 NETLINK_KOBJECT_UEVENT = 15
 # How often the daemon's wake counter is read: the resolution of the attribution.
 SAMPLE = 0.05
-# How long after a uevent the daemon's wakes are put down to it: its re-read at once, a
-# coalesced one REREAD_INTERVAL (0.2 s) later, then the verdicts.
+# How long after a ping or a uevent the daemon's wakes are put down to it: a uevent's re-read
+# at once, a coalesced one REREAD_INTERVAL (0.2 s) later, then the verdicts; a ping's rescan.
 SETTLE = 1.0
 
 
@@ -100,19 +100,22 @@ class WakeSplit:
 def split_wakes(
     counts: Sequence[tuple[float, int]], pings: Sequence[float], uevents: Sequence[float]
 ) -> WakeSplit:
-    """Attribute each increase of the wake counter between two samples: first to pings sent
-    in that interval (one wake each), then to uevents heard up to SETTLE before it."""
+    """Attribute each increase of the wake counter between two samples to what came up to
+    SETTLE before it: a watchdog ping first (the ping's wake also runs the rescan, whose
+    work may sleep again), else a uevent, else nothing known ("other")."""
+
+    def near(times: Sequence[float], t0: float, t1: float) -> bool:
+        return any(t0 - SETTLE - SAMPLE < t <= t1 + SAMPLE for t in times)
+
     split = WakeSplit()
     start = counts[0][0]
     for (t0, c0), (t1, c1) in zip(counts, counts[1:]):
         woke = c1 - c0
-        near = [t for t in pings if t0 - SAMPLE < t <= t1 + SAMPLE]
-        by_ping = min(woke, len(near))
-        split.watchdog += by_ping
-        woke -= by_ping
         if not woke:
             continue
-        if any(t0 - SETTLE - SAMPLE < t <= t1 + SAMPLE for t in uevents):
+        if near(pings, t0, t1):
+            split.watchdog += woke
+        elif near(uevents, t0, t1):
             split.uevent += woke
         else:
             split.other += woke
@@ -244,14 +247,14 @@ def idle_rows(
         return Row(
             name,
             f"wake-ups (voluntary context switches), {where}, {_uevent_count(spell.uevents)}",
-            f"watchdog {split.watchdog}, uevent-caused {split.uevent}, other {split.other}",
+            f"watchdog {split.watchdog} (with its rescan), uevent-caused {split.uevent}, "
+            f"other {split.other}",
             "watchdog pings sent",
             str(spell.pings),
             goal=goal,
             met=split.other == 0,
-            bound=f"{split.other} wake-ups came neither with a ping nor within {SETTLE:g} s of "
-            f"a uevent (at {unexplained} into the spell): a bus message or a timer of the "
-            "daemon's own",
+            bound=f"{split.other} wake-ups came more than {SETTLE:g} s after any ping or uevent "
+            f"(at {unexplained} into the spell): a bus message or a timer of the daemon's own",
         )
 
     busy_share = busy.cpu_ns / 1e9 / busy.seconds * 100

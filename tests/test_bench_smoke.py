@@ -85,3 +85,18 @@ def test_quick_run_writes_a_row_with_a_figure_for_every_scenario(tmp_path: Path)
     assert len(explained) == len(missed), (missed, explained)
     assert "no bound measured" not in text
     assert re.search(r"load average at the start \d", text)
+
+
+def test_wake_ups_are_put_down_to_the_ping_or_uevent_before_them() -> None:
+    sys.path.insert(0, str(RUN.parent))
+    try:
+        from idle import split_wakes  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(RUN.parent))
+    # Counter samples 0.05 s apart: two wakes with a ping at 1.0 s (the ping and its rescan's
+    # bus call), one 0.3 s after a uevent at 3.0 s, one at 9.0 s with nothing before it.
+    counts = [(t / 20, 0) for t in range(0, 20)] + [(1.0, 2), (1.05, 2)]
+    counts += [(3.3, 2), (3.35, 3), (9.0, 3), (9.05, 4)]
+    split = split_wakes(counts, pings=[1.0], uevents=[3.0])
+    assert (split.watchdog, split.uevent, split.other) == (2, 1, 1)
+    assert split.other_at == [9.05]
