@@ -7,6 +7,7 @@ a kernel without them). Re-reads are counted by the daemon's own STOPPING entry.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -17,9 +18,9 @@ import pytest
 from calico_mount_reaper.sources import fanotify
 
 from tests.support.daemon_harness import DaemonRun
+from tests.support.fault_launchers import refusing
 
 CGROUP = "/run/calico/cgroup"
-NO_FANOTIFY = Path(__file__).parent / "support" / "no_fanotify.py"
 # No safety-net rescan within a test: every re-read counted is one an event caused.
 QUIET = "grace_period = 0\nrescan_interval = 3600\n"
 FORCED_MOUNTINFO = {"CALICO_MOUNT_REAPER_MOUNT_API": "mountinfo"}
@@ -27,6 +28,14 @@ FORCED_MOUNTINFO = {"CALICO_MOUNT_REAPER_MOUNT_API": "mountinfo"}
 pytestmark = pytest.mark.skipif(
     not fanotify.probe().available, reason="this kernel has no fanotify mount events (6.15+)"
 )
+
+
+@pytest.fixture(autouse=True)
+def _kernel_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fanotify path comes with the kernel-API table: probe for it even in the suite's
+    forced-mountinfo round (tests/run); the tests of the fallback ask for it themselves."""
+    monkeypatch.setenv("CALICO_MOUNT_REAPER_MOUNT_API", "auto")
+
 
 # mount/umount pairs by the thousand, as pods make them: one process, no fork per mount.
 CHURN = """
@@ -143,7 +152,7 @@ def test_forced_mountinfo_keeps_pollpri_and_still_reaps(tmp_path: Path) -> None:
 
 
 def test_a_refused_fanotify_says_so_once_and_falls_back_to_pollpri(tmp_path: Path) -> None:
-    wrapper = [sys.executable, str(NO_FANOTIFY), "1"]  # EPERM, as SystemCallFilter= gives
+    wrapper = refusing("fanotify", errno.EPERM)  # as SystemCallErrorNumber=EPERM gives
     with DaemonRun(tmp_path, config=QUIET, wrapper=wrapper) as run:
         run.start()
         run.wait_notify("READY=1")

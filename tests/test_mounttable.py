@@ -41,8 +41,9 @@ from calico_mount_reaper.statmount import ApiError, Kernel, MountRecord
 from calico_mount_reaper.targets import BUILTIN_RULES, Rule, search_needles
 from hypothesis import given
 
-from tests.support import no_listmount
+from tests.support import refuse
 from tests.support.daemon_harness import DaemonRun
+from tests.support.fault_launchers import refusing
 from tests.support.nsutil import in_namespace, mount
 from tests.support.strategies import configs, kernel_tables, render
 
@@ -306,7 +307,7 @@ def test_both_back_ends_agree_on_a_real_table(name: str) -> None:
 def _probe_under_seccomp(errno_value: int) -> tuple[str, str, bool, str]:
     """Install a real seccomp filter that refuses statmount/listmount with ``errno_value``,
     as systemd's SystemCallFilter= does, then let `choose` probe."""
-    no_listmount.install(errno_value)
+    refuse.install("listmount", errno_value)
     choice = choose(Switch.AUTO)
     try:
         Kernel().statmount(1)
@@ -416,7 +417,6 @@ def test_status_json_names_the_back_end_it_used() -> None:
 
 # ---- the daemon under a sandbox that refuses the calls --------------------------------------
 
-NO_LISTMOUNT = Path(__file__).parent / "support" / "no_listmount.py"
 # A rule of our own, with an owner name nothing else on this machine runs (owners count in any
 # PID namespace, and other test runs may have calico-node processes alive).
 OWN_TARGET = "/run/kapitest/cgroup"
@@ -446,7 +446,7 @@ def _daemon_sees(tmp_path: Path, wrapper: Sequence[str]) -> tuple[str, list[str]
 def test_a_daemon_refused_the_calls_says_so_once_and_still_reads_the_table(
     tmp_path: Path, refusal: int
 ) -> None:
-    wrapper = [sys.executable, str(NO_LISTMOUNT), str(refusal)]
+    wrapper = refusing("listmount", refusal)
     log, statuses = _daemon_sees(tmp_path, wrapper)
     assert log.count(FELL_BACK) == 1, log  # one DEGRADED entry, not one per read
     assert "mount table via mountinfo" in log

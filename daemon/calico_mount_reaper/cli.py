@@ -346,11 +346,7 @@ def _journal_decisions(log: logging.Logger, report: PassReport) -> None:
                 log,
                 "VERDICT",
                 f"{a.site.mount_point}: left alone, {a.reason}",
-                mount_point=a.site.mount_point,
-                mount_id=a.site.roots[0].mount_id,
-                fstype=a.site.roots[0].fstype,
-                target=a.site.rule.name,
-                reason=a.reason,
+                **a.journal_fields(),
                 result="refused",
             )
 

@@ -221,11 +221,7 @@ def journal_verdicts(
             log,
             "VERDICT",
             message,
-            mount_point=a.site.mount_point,
-            target=a.site.rule.name,
-            mount_id=a.site.roots[0].mount_id,
-            fstype=a.site.roots[0].fstype,
-            reason=a.reason,
+            **a.journal_fields(),
             result=result,
         )
     return now

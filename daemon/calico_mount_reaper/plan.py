@@ -22,7 +22,20 @@ from calico_mount_reaper.targets import Rule, is_denied, normalize_path, rule_fo
 
 TYPE_CHECKING = False  # not typing's, whose import costs a `status` 3 ms: see cli.py
 if TYPE_CHECKING:  # the type only: loading a config reads files, and the plan reads none
+    from typing import TypedDict
+
     from calico_mount_reaper.config import Config
+
+    class SiteFields(TypedDict):
+        """What every journal entry about one site carries, typed so that it can be spread
+        into journal.event() next to that function's own keyword arguments."""
+
+        mount_point: str
+        mount_id: int
+        fstype: str
+        target: str
+        reason: str
+
 
 # Filesystems a lazy detach is fine for: no data to flush, nothing to lose.
 DETACHABLE_FSTYPES = frozenset({"cgroup2", "bpf"})
@@ -62,6 +75,17 @@ class Assessment:
     reason: str
     owners: tuple[tuple[int, str], ...]  # (pid, name) of live owners
     reap: bool  # whether this mode allows reaping it now
+
+    def journal_fields(self) -> SiteFields:
+        """The fields every journal entry about this site carries (VERDICT, REAPED), so that
+        `journalctl MOUNT_POINT=...` or `TARGET=calico` finds all of them alike."""
+        return {
+            "mount_point": self.site.mount_point,
+            "mount_id": self.site.roots[0].mount_id,
+            "fstype": self.site.roots[0].fstype,
+            "target": self.site.rule.name,
+            "reason": self.reason,
+        }
 
 
 @dataclass(frozen=True)

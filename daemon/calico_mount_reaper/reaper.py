@@ -308,11 +308,7 @@ def journal_report(log: logging.Logger, report: PassReport) -> Tally:
             f"reaped {a.site.mount_point}: {len(a.site.members)} mount(s) "
             f"gone ({report.mode.value}; {a.reason})",
             stacklevel=2,
-            mount_point=a.site.mount_point,
-            mount_id=a.site.roots[0].mount_id,
-            fstype=a.site.roots[0].fstype,
-            target=a.site.rule.name,
-            reason=a.reason,
+            **a.journal_fields(),
             result="reaped",
         )
     refused = sum(1 for o in report.outcomes if o.result is Result.REFUSED)

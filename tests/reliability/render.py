@@ -200,7 +200,7 @@ STATIC = (
 ## Simulated, and how
 
 - *Garbage mountinfo*: fed through the parser, see above.
-- *No netlink*: a seccomp filter (tests/support/no_netlink.py) makes the kernel refuse
+- *No netlink*: a seccomp filter (tests/support/refuse.py) makes the kernel refuse
   `socket(AF_NETLINK)` for the daemon process, as a seccomp profile would.
 - *No /proc/1*: an empty read-only tmpfs over `/proc/1` in the test's mount namespace.
 - *No journal socket*: the test namespace has a fresh `/run`, so there is no socket at all.
