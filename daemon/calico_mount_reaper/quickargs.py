@@ -4,8 +4,8 @@
 where start-up is most of their cost: importing argparse (with gettext) and building even one
 command's parser costs about 5 ms of CPU, more than the kernel-API pass at 10k mounts. So the
 plain forms are read here, into the same attributes argparse would give. Anything else (help,
---version, an abbreviation, an unknown or repeated-but-conflicting option, ``--``) returns None
-and goes to argparse (argparser.py), which stays the one definition of the command line:
+--version, an abbreviation, an unknown option, --force with --mode, ``--``) returns None and
+goes to argparse (cli.build_parser), which stays the one definition of the command line:
 tests/test_startup.py holds this table equal to argparse's results.
 """
 
@@ -31,14 +31,15 @@ _DEFAULTS = {
         "mode": None,
     },
 }
-_BEFORE_COMMAND: tuple[tuple[str, ...], tuple[str, ...]] = (("--json",), ("--config",))  # top level
+# Before the command word: the top-level switches and valued options.
+_TOP_LEVEL: tuple[tuple[str, ...], tuple[str, ...]] = (("--json",), ("--config",))
 
 
 def parse(argv: list[str]) -> SimpleNamespace | None:
     """``argv``'s arguments as argparse would give them, or None to let argparse decide."""
     values: dict[str, object] = {}
     command = None
-    switches, valued = _BEFORE_COMMAND
+    switches, valued = _TOP_LEVEL
     i = 0
     while i < len(argv):
         word = argv[i]
