@@ -47,6 +47,16 @@ def rootfs(e2e_machine: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 @pytest.fixture(scope="session")
+def operator_rootfs(e2e_machine: None) -> Iterator[dict[str, Path]]:
+    """suite -> the operator rootfs's lower layer (`operator_env.lower_for` restores each on
+    first use); all are removed at the end of the session."""
+    lowers: dict[str, Path] = {}
+    yield lowers
+    for lower in lowers.values():
+        shutil.rmtree(lower, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def payload(e2e_machine: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project from this checkout, as a tree to lay over the guest's root."""
     return harness.build_payload(tmp_path_factory.mktemp("payload"))

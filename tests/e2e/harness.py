@@ -10,8 +10,9 @@ Layers:
 - `ensure_rootfs_tarball`: debootstrap'd Debian bookworm, cached as a zstd tarball (one build per
   machine, serialised with flock); `restore_rootfs` unpacks it into the read-only lower layer.
 - `build_payload`: the project from the checkout, installed with pip ``--target`` into a tree
-  that is laid over the guest's ``/usr/local`` (host and guest are both CPython 3.11, and the
-  package is pure Python; its dependencies come from Debian inside the rootfs).
+  that is laid over the guest's ``/usr/local`` (the package is pure Python, so one built by the
+  host's CPython 3.11 runs on trixie's 3.13 too, under that interpreter's site directory; its
+  dependencies come from Debian inside the rootfs).
 - `boot`: one `Container` on a fresh overlay (lower = rootfs, upper/work per run).
 
 Nothing here knows the reaper's internals: it installs the package and lets scenarios add files.
@@ -359,13 +360,15 @@ def restore_rootfs(tarball: Path, dest: Path) -> Path:
 # --------------------------------------------------------------------------- payload
 
 
-def build_payload(dest: Path, repo: Path = REPO_ROOT) -> Path:
+def build_payload(dest: Path, repo: Path = REPO_ROOT, python: str = GUEST_PYTHON) -> Path:
     """Install the checkout into a tree laid over the guest's root.
 
-    The build runs on a copy, because an in-tree setuptools build writes build/ and egg-info
-    into the checkout that other people are editing.
+    ``python`` names the guest's interpreter (``python3.13`` for trixie): the package is pure
+    Python, so only the directory it goes into depends on it. The build runs on a copy, because
+    an in-tree setuptools build writes build/ and egg-info into the checkout that other people
+    are editing.
     """
-    site = dest / f"usr/local/lib/{GUEST_PYTHON}/dist-packages"
+    site = dest / f"usr/local/lib/{python}/dist-packages"
     with tempfile.TemporaryDirectory(prefix="cmr-src.") as tmp:
         src = Path(tmp) / "src"
         shutil.copytree(

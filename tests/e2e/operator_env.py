@@ -6,7 +6,12 @@ the compiler and the -dev packages make this one about three times the size.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from tests.e2e import harness
+from tests.e2e.conftest import unavailable
 
 SUITES = {
     "bookworm": "Debian 12, systemd 252, Python 3.11",
@@ -24,3 +29,18 @@ OPERATOR_PACKAGES = (
     "pkg-config",
     "build-essential",
 )
+
+
+def lower_for(suite: str, rootfs: dict[str, Path], tmp: pytest.TempPathFactory) -> Path:
+    """The operator rootfs of ``suite`` as a lower layer, restored on first use into ``rootfs``
+    (conftest's session-wide `operator_rootfs`, so every module boots the same copy)."""
+    if suite not in rootfs:
+        try:
+            tarball = harness.ensure_rootfs_tarball(suite=suite, packages=OPERATOR_PACKAGES)
+        except harness.Unavailable as exc:
+            unavailable(str(exc))
+        lower = harness.lower_dir(
+            fallback=tmp.mktemp(f"rootfs-{suite}"), suite=suite, variant="operator"
+        )
+        rootfs[suite] = harness.restore_rootfs(tarball, lower)
+    return rootfs[suite]

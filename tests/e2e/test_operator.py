@@ -17,14 +17,13 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e import harness
 from tests.e2e.conftest import unavailable
-from tests.e2e.operator_env import OPERATOR_PACKAGES, SUITES
+from tests.e2e.operator_env import SUITES, lower_for
 from tests.test_packaging import DEB_VERSION, VERSION, build_packages
 
 pytestmark = pytest.mark.e2e
@@ -35,31 +34,6 @@ GUEST_PYTHON = {"bookworm": "3.11", "trixie": "3.13"}
 VENV = "/opt/calico-mount-reaper"
 REPO = harness.REPO_ROOT
 SOURCES = "pystemd,pyudev,sdnotify"  # built in the guest, as on a node
-
-_LOWERS: dict[str, Path] = {}
-
-
-@pytest.fixture(scope="session")
-def operator_rootfs(
-    e2e_machine: None, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, Path]]:
-    """suite -> restored lower layer, each restored on first use and removed at the end."""
-    yield _LOWERS
-    for lower in _LOWERS.values():
-        shutil.rmtree(lower, ignore_errors=True)
-
-
-def lower_for(suite: str, rootfs: dict[str, Path], tmp: pytest.TempPathFactory) -> Path:
-    if suite not in rootfs:
-        try:
-            tarball = harness.ensure_rootfs_tarball(suite=suite, packages=OPERATOR_PACKAGES)
-        except harness.Unavailable as exc:
-            unavailable(str(exc))
-        lower = harness.lower_dir(
-            fallback=tmp.mktemp(f"rootfs-{suite}"), suite=suite, variant="operator"
-        )
-        rootfs[suite] = harness.restore_rootfs(tarball, lower)
-    return rootfs[suite]
 
 
 def boot(lower: Path, run_dir: Path, files: dict[str, harness.FileSource]) -> harness.Container:

@@ -468,7 +468,9 @@ def _racing_swaps(path: Path, variant: str, iterations: int) -> dict[str, int]:
     second_namespace = variant == "second-ns"
     if variant == "walk":
         resolve._has_openat2 = lambda: False  # type: ignore[method-assign]
-    name = f"cmr-race-{os.getpid()}"
+    # Tracing instances are one set for the whole machine, and in its own PID namespace every
+    # run of this test has the same PID: the name must not collide with a concurrent run's.
+    name = f"cmr-race-{os.urandom(6).hex()}"
     victims = _Victims(name)
     components = ["/run/calico", "/run/calico/a", "/run/calico/a/b"]
     os.makedirs(f"{components[-1]}/{name}")
