@@ -8,8 +8,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
 
 @dataclass
 class Samples:
@@ -82,14 +80,6 @@ def timed_ms(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads) from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        after_comm = f.read().rsplit(")", 1)[1].split()
-    # Fields 14 and 15 (utime, stime) are items 11 and 12 after the ")" ending comm.
-    return (int(after_comm[11]) + int(after_comm[12])) / CLOCK_TICKS
-
-
 def thread_cpu_ns(pid: int) -> int:
     """On-CPU nanoseconds from /proc/<pid>/schedstat: finer than clock ticks for an idle daemon."""
     total = 0
@@ -127,3 +117,15 @@ def slope_ratio(sizes: Sequence[int], times: Sequence[float]) -> float:
     first = (times[1] - times[0]) / (sizes[1] - sizes[0])
     last = (times[-1] - times[-2]) / (sizes[-1] - sizes[-2])
     return last / first
+
+
+def off_cpu(latency_ms: float, cpu_ms: float, what: str) -> str:
+    """What bounds a latency the daemon reports: its own CPU time for the work, and the rest,
+    spent off its CPU (waiting for a free CPU on a shared machine, or for the kernel)."""
+    load = os.getloadavg()[0]
+    return (
+        f"{what} costs the daemon {fmt(cpu_ms)} ms of CPU (median); the other "
+        f"{fmt(max(0.0, latency_ms - cpu_ms))} ms of the {fmt(latency_ms)} ms are spent off "
+        f"its CPU: waiting for one of {os.cpu_count()} CPUs (load {load:.2f} at the end) or "
+        "for the kernel"
+    )

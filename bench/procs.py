@@ -18,6 +18,7 @@ import sysconfig
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from measure import Samples
 
@@ -82,16 +83,24 @@ class Datagrams:
                 return
 
 
+class Source(Protocol):
+    """Anything `Watch` can wait on: an fd, and a way to read what arrived, timestamped."""
+
+    def fileno(self) -> int: ...
+
+    def pump(self) -> None: ...
+
+
 class Watch:
     """Wait on several line sources at once."""
 
     def __init__(self) -> None:
         self.selector = selectors.DefaultSelector()
 
-    def add(self, source: Lines | Datagrams) -> None:
+    def add(self, source: Source) -> None:
         self.selector.register(source, selectors.EVENT_READ)
 
-    def remove(self, source: Lines | Datagrams) -> None:
+    def remove(self, source: Source) -> None:
         self.selector.unregister(source)
 
     def poll(self, timeout: float) -> None:
@@ -145,6 +154,7 @@ class DaemonProc:
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr: Lines | None = None
         self.started_at = 0.0
+        self.cpu_at_exit = 0.0
 
     def start(self) -> None:
         self.started_at = time.monotonic()
@@ -186,12 +196,20 @@ class DaemonProc:
         return "\n".join(line for _, line in self.stderr.lines) if self.stderr else ""
 
     def stop(self, timeout: float = 30) -> tuple[float, int]:
-        """SIGTERM; returns (seconds to exit, exit code)."""
+        """SIGTERM; returns (seconds to exit, exit code). `cpu_at_exit` is then the CPU
+        seconds (user + sys) the daemon used in its whole life, from wait4."""
         assert self.proc is not None and self.stderr is not None
         sent = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
+        deadline = sent + timeout
+        while (status := os.wait4(self.proc.pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.proc.args, timeout)
+            time.sleep(0.001)
         took = time.monotonic() - sent
+        _, code_status, usage = status
+        code = self.proc.returncode = os.waitstatus_to_exitcode(code_status)
+        self.cpu_at_exit = usage.ru_utime + usage.ru_stime
         self.stderr.pump()
         self.watch.remove(self.stderr)
         self.watch.remove(self.notify)

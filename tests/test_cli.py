@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from calico_mount_reaper import cli as cli_mod
+from calico_mount_reaper.argparser import UsageError
 
 from tests.support import node
 from tests.support.nsutil import in_namespace
@@ -158,7 +159,7 @@ def test_only_the_command_being_run_gets_its_arguments() -> None:
 
     lean = build_parser(only="status")
     assert lean.parse_args(["status", "--json"]).json is True
-    with pytest.raises(cli_mod.UsageError):
+    with pytest.raises(UsageError):
         lean.parse_args(["reap", "--dry-run"])  # reap's options were never built
     assert build_parser().parse_args(["reap", "--dry-run"]).dry_run is True
 

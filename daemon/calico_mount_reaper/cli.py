@@ -4,40 +4,47 @@ Exit codes are `ExitCode` (documented in the README and the man page). With ``--
 exit prints one JSON object on stdout with ``schema``, ``exit_code`` and ``error`` (null on
 success), usage errors (2), missing privilege (77) and config errors (78) included.
 
-Start-up is part of the product: ``status`` runs in install scripts and on busy nodes. So the
-parser is built per command (only the one being run gets its arguments; ``--help`` and errors
-build them all), and each command imports what it needs when it runs: pystemd, pyudev, the
-journal, the TOML parser and the unmount machinery stay out of a ``status --help``.
+Start-up is part of the product: ``status`` runs in install scripts and on busy nodes. So a
+plain ``status`` or ``reap`` is read without argparse (quickargs.py); anything else builds the
+argparse parser (argparser.py), per command (only the one being run gets its arguments;
+``--help`` and errors build them all). Each command imports what it needs when it runs:
+pystemd, pyudev, the journal, the TOML parser and the unmount machinery stay out of a
+``status --help``. tests/test_startup.py holds what a ``status`` imports.
 """
 
 from __future__ import annotations
 
-import argparse
 import enum
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from calico_mount_reaper import quickargs
 from calico_mount_reaper.config import Config, ConfigError, load
 from calico_mount_reaper.exitcode import ExitCode
+from calico_mount_reaper.quickargs import MODES
 
 # Not typing.TYPE_CHECKING: importing typing costs 3 ms of every `status`; mypy treats any
 # name TYPE_CHECKING as true.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse  # only for --help, errors and the rarer commands (see quickargs.py)
     import logging  # the journal (and logging) load only when a reap runs under a unit
-    from typing import Any, NoReturn, TextIO
+    from types import SimpleNamespace
+    from typing import Any, TextIO, Union
 
     from calico_mount_reaper.install import Result as UnitsResult
     from calico_mount_reaper.plan import Mode
     from calico_mount_reaper.reaper import PassReport
 
+    # What a handler gets: argparse's result, or quickargs' equal for a plain status or reap.
+    Arguments = Union[argparse.Namespace, SimpleNamespace]
+
 PROG = "calico-mount-reaper"
 DISTRIBUTION = "calico-mount-reaper"
 JSON_SCHEMA_VERSION = 1
 CAP_SYS_ADMIN = 21
-MODES = ("normal", "decommission", "force", "shutdown")  # plan.Mode's values (a test checks)
 
 
 class Privilege(enum.Enum):
@@ -56,49 +63,13 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     # Runs the command; gets the validated Config when loads_config, else None.
-    handler: Callable[[argparse.Namespace, Config | None], int]
+    handler: Callable[[Arguments, Config | None], int]
     privilege: Privilege = Privilege.NONE
     loads_config: bool = False  # main() loads --config first (a ConfigError is exit 78)
 
 
-class UsageError(Exception):
-    """argparse's complaint, raised instead of exiting so that --json can report it."""
-
-    def __init__(self, usage: str, message: str) -> None:
-        super().__init__(message)
-        self.usage = usage
-
-
 class NotPermitted(Exception):
     """The command lacks a privilege or a write access; the message says what to do."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(self.format_usage(), f"{self.prog}: error: {message}")
-
-
-class _Formatter(argparse.HelpFormatter):
-    """argparse's formatter, sized from os instead of shutil.
-
-    argparse builds a formatter for every add_argument, and its default asks
-    shutil.get_terminal_size, whose import (bz2, lzma, fnmatch) costs more than the rest of the
-    parser.
-    """
-
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24) -> None:
-        super().__init__(prog, indent_increment, max_help_position, width=_columns())
-
-
-def _columns() -> int:
-    try:
-        return int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        pass
-    try:
-        return os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
-    except (AttributeError, ValueError, OSError):
-        return 80
 
 
 # --------------------------------------------------------------------------- privilege
@@ -112,7 +83,7 @@ def has_cap_sys_admin(status_path: str = "/proc/self/status") -> bool:
     return False
 
 
-def _check_privilege(command: Command, args: argparse.Namespace) -> None:
+def _check_privilege(command: Command, args: Arguments) -> None:
     needs = command.privilege == Privilege.CAP_SYS_ADMIN or (
         command.privilege == Privilege.CAP_SYS_ADMIN_UNLESS_DRY_RUN and not args.dry_run
     )
@@ -300,7 +271,7 @@ def _add_status(p: argparse.ArgumentParser) -> None:
     _add_json(p)
 
 
-def cmd_status(args: argparse.Namespace, config: Config | None) -> int:
+def cmd_status(args: Arguments, config: Config | None) -> int:
     from calico_mount_reaper.plan import Mode
     from calico_mount_reaper.reaper import run_pass
 
@@ -323,23 +294,25 @@ def _add_reap(p: argparse.ArgumentParser) -> None:
     _add_json(p)
 
 
-def reap_mode(args: argparse.Namespace) -> Mode:
+def reap_mode(args: Arguments) -> Mode:
     from calico_mount_reaper.plan import Mode
 
     return Mode.FORCE if args.force else Mode(args.mode or "normal")
 
 
-def cmd_reap(args: argparse.Namespace, config: Config | None) -> int:
+def cmd_reap(args: Arguments, config: Config | None) -> int:
     from functools import partial
 
-    from calico_mount_reaper import journal
     from calico_mount_reaper.reaper import journal_outcome, run_pass
 
     assert config is not None  # the table says loads_config
     # Run from a unit (kubelet's ExecStopPost), the decisions go to the journal as entries.
     log = None
-    if not args.dry_run and journal.choose_sink(sys.stderr) is journal.Sink.JOURNAL:
-        log = journal.setup()
+    if not args.dry_run:  # a dry run journals nothing: logging stays out of it
+        from calico_mount_reaper import journal
+
+        if journal.choose_sink(sys.stderr) is journal.Sink.JOURNAL:
+            log = journal.setup()
     report = run_pass(
         config,
         reap_mode(args),
@@ -383,7 +356,7 @@ def _add_check_config(p: argparse.ArgumentParser) -> None:
     _add_json(p)
 
 
-def cmd_check_config(args: argparse.Namespace, _: Config | None) -> int:
+def cmd_check_config(args: Arguments, _: Config | None) -> int:
     config = load(args.path or args.config)
     if args.json:
         targets = [
@@ -415,7 +388,7 @@ def cmd_check_config(args: argparse.Namespace, _: Config | None) -> int:
     return ExitCode.OK
 
 
-def cmd_demo(args: argparse.Namespace, _: Config | None) -> int:
+def cmd_demo(args: Arguments, _: Config | None) -> int:
     from calico_mount_reaper.demo import run_demo
 
     return run_demo()
@@ -478,7 +451,7 @@ def _units_json(command: str, result: UnitsResult, code: ExitCode) -> dict[str, 
     }
 
 
-def cmd_install_units(args: argparse.Namespace, _: Config | None) -> int:
+def cmd_install_units(args: Arguments, _: Config | None) -> int:
     from pathlib import Path
 
     from calico_mount_reaper import install
@@ -502,7 +475,7 @@ def cmd_install_units(args: argparse.Namespace, _: Config | None) -> int:
     return code
 
 
-def cmd_uninstall_units(args: argparse.Namespace, _: Config | None) -> int:
+def cmd_uninstall_units(args: Arguments, _: Config | None) -> int:
     from pathlib import Path
 
     from calico_mount_reaper import install
@@ -537,7 +510,7 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="log debug detail too")
 
 
-def cmd_run(args: argparse.Namespace, _: Config | None) -> int:
+def cmd_run(args: Arguments, _: Config | None) -> int:
     # The daemon loads the config itself, so that a rejection lands in the journal.
     from calico_mount_reaper.daemon import run as run_daemon
 
@@ -545,6 +518,8 @@ def cmd_run(args: argparse.Namespace, _: Config | None) -> int:
 
 
 def _add_json(p: argparse.ArgumentParser) -> None:
+    import argparse  # already loaded: only a parser being built calls this
+
     p.add_argument(
         "--json",
         action="store_true",
@@ -621,17 +596,6 @@ EPILOG = (
 # --------------------------------------------------------------------------- parser
 
 
-class _Version(argparse.Action):
-    """--version from the installed distribution's metadata, read only when asked for."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, help="show the version and exit")
-
-    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
-        sys.stdout.write(f"{PROG} {version()}\n")
-        parser.exit()
-
-
 def version() -> str:
     """The installed version (what pip, dpkg or rpm put there), never a copy in the source."""
     from importlib.metadata import PackageNotFoundError
@@ -641,44 +605,6 @@ def version() -> str:
         return installed_version(DISTRIBUTION)
     except PackageNotFoundError:
         return "unknown (not installed: run from a source tree without pip install)"
-
-
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The parser; with ``only``, the other commands are listed but get no arguments.
-
-    Building a command's arguments costs argparse time on every run; a run needs one command's.
-    The man page and --help use the full parser (``only=None``).
-    """
-    parser = _Parser(
-        prog=PROG,
-        description="Find and safely unmount the cgroup2/bpf mounts that Calico and Cilium "
-        "leave behind.",
-        epilog=EPILOG,
-        formatter_class=_Formatter,
-    )
-    parser.add_argument("--version", action=_Version)
-    config_help = (
-        "config file (default: $CALICO_MOUNT_REAPER_CONFIG, else "
-        "/etc/calico-mount-reaper/config.toml if present, else built-in defaults)"
-    )
-    parser.add_argument("--config", metavar="PATH", help=config_help)
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help=f"machine-readable output (schema {JSON_SCHEMA_VERSION}), on errors too",
-    )
-    # Accepted after the command too ("reap --config X"), as people type it.
-    common = _Parser(add_help=False, formatter_class=_Formatter)
-    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    for command in COMMANDS.values():
-        p = sub.add_parser(
-            command.name, help=command.help, parents=[common], formatter_class=_Formatter
-        )
-        if only is None or only == command.name:
-            command.add_arguments(p)
-    return parser
 
 
 def command_named_in(argv: Sequence[str]) -> str | None:
@@ -695,23 +621,69 @@ def command_named_in(argv: Sequence[str]) -> str | None:
     return None
 
 
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, the other commands are listed but get no arguments.
+
+    Building a command's arguments costs argparse time on every run; a run needs one command's.
+    The man page and --help use the full parser (``only=None``).
+    """
+    import argparse
+
+    from calico_mount_reaper.argparser import Formatter, Parser, ShowVersion
+
+    parser = Parser(
+        prog=PROG,
+        description="Find and safely unmount the cgroup2/bpf mounts that Calico and Cilium "
+        "leave behind.",
+        epilog=EPILOG,
+        formatter_class=Formatter,
+    )
+    parser.add_argument("--version", action=ShowVersion, text=lambda: f"{PROG} {version()}")
+    config_help = (
+        "config file (default: $CALICO_MOUNT_REAPER_CONFIG, else "
+        "/etc/calico-mount-reaper/config.toml if present, else built-in defaults)"
+    )
+    parser.add_argument("--config", metavar="PATH", help=config_help)
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help=f"machine-readable output (schema {JSON_SCHEMA_VERSION}), on errors too",
+    )
+    # Accepted after the command too ("reap --config X"), as people type it.
+    common = Parser(add_help=False, formatter_class=Formatter)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for command in COMMANDS.values():
+        p = sub.add_parser(
+            command.name, help=command.help, parents=[common], formatter_class=Formatter
+        )
+        if only is None or only == command.name:
+            command.add_arguments(p)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     name = command_named_in(argv)
     as_json = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
     try:
-        try:
-            args = build_parser(only=name).parse_args(argv)
-        except SystemExit as exc:  # --help, --version
-            return int(exc.code or 0)
+        args: Arguments | None = quickargs.parse(argv)
+        if args is None:
+            from calico_mount_reaper.argparser import UsageError
+
+            try:
+                args = build_parser(only=name).parse_args(argv)
+            except SystemExit as exc:  # --help, --version
+                return int(exc.code or 0)
+            except UsageError as exc:
+                return _fail(name, ExitCode.USAGE, str(exc), as_json, usage=exc.usage)
         command = COMMANDS[args.command]
         _check_privilege(command, args)
         config = None
         if command.loads_config:
             config = load(args.config)
         return command.handler(args, config)
-    except UsageError as exc:
-        return _fail(name, ExitCode.USAGE, str(exc), as_json, usage=exc.usage)
     except NotPermitted as exc:
         return _fail(name, ExitCode.NOT_PERMITTED, f"error: {exc}", as_json)
     except BrokenPipeError:

@@ -14,7 +14,6 @@ import os
 from collections.abc import Iterable, Iterator
 
 from calico_mount_reaper.model import KubeletSource, KubeletState, Liveness, Process
-from calico_mount_reaper.sources.systemd import kubelet_from_dbus
 
 
 def find_owners(processes: Iterable[Process], names: Iterable[str]) -> dict[str, tuple[int, ...]]:
@@ -99,7 +98,11 @@ def system_bus_present() -> bool:
 def observe(names: Iterable[str], kubelet_unit: str = "kubelet.service") -> Liveness:
     """One scan: owner PIDs by name and kubelet's state (D-Bus first, processes as fallback)."""
     processes = list(scan_processes())
-    kubelet = kubelet_from_dbus(kubelet_unit) if system_bus_present() else None
+    kubelet = None
+    if system_bus_present():  # the D-Bus side (typing, pystemd) loads only when it can answer
+        from calico_mount_reaper.sources.systemd import kubelet_from_dbus
+
+        kubelet = kubelet_from_dbus(kubelet_unit)
     return Liveness(
         owners=find_owners(processes, names),
         kubelet=kubelet if kubelet is not None else kubelet_from_processes(processes),
