@@ -93,6 +93,18 @@ def run(names: list[str], size: Size) -> tuple[list[Row], list[Timing]]:
     return rows, timings
 
 
+def byte_compile() -> None:
+    """Every scenario times the package byte-compiled, as every install is (pip at install
+    time, py3compile in the .deb's postinst, rpmbuild). From a checkout under
+    PYTHONDONTWRITEBYTECODE=1, each `status` would otherwise compile the modules changed since
+    the last import from source, 15-20 ms no user pays."""
+    import compileall
+
+    import calico_mount_reaper
+
+    compileall.compile_dir(os.path.dirname(calico_mount_reaper.__file__), quiet=1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run)")
@@ -113,6 +125,7 @@ def main() -> int:
         return 77
     size = QUICK if args.quick else Size()
     names = args.only or list(SCENARIOS)
+    byte_compile()
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     found = machine()
     print(found, flush=True)

@@ -110,14 +110,14 @@ def pass_cost(size: Size) -> list[Row]:
         bound = ""
         if goal:
             # By CPU time: on a shared machine the wall time mostly measures the wait for a CPU.
-            start_up = Samples("ms CPU")
+            interpreter = Samples("ms CPU")
             for _ in range(size.process_repeats):
-                run_quiet([*reaper, "--version"], start_up)
+                run_quiet([sys.executable, "-I", "-c", "pass"], interpreter)
             bound = (
-                f"start-up alone (`calico-mount-reaper --version`, no table read) costs "
-                f"{fmt(start_up.median)} ms of CPU, {start_up.median / cpu_peer.median:.2f}x "
-                f"findmnt's whole run here ({fmt(cpu_peer.median)} ms); our whole `status` "
-                f"{fmt(cpu_ours.median)} ms"
+                f"the interpreter alone (`python3 -I -c pass`) costs {fmt(interpreter.median)} ms "
+                f"of CPU, {interpreter.median / cpu_peer.median:.2f}x findmnt's whole run here "
+                f"({fmt(cpu_peer.median)} ms); our whole `status` {fmt(cpu_ours.median)} ms, "
+                "most of the difference imports (docs/performance.md has the breakdown)"
             )
         rows.append(
             ratio_row(
@@ -203,18 +203,11 @@ def backends(size: Size) -> list[Row]:
     side by side at each size, in-process and as a `status` process; judged by CPU time, with
     the process wall times alongside. Then what bounds the process rows (start-up alone), and
     the kernel API's worst case: the same pods below /run, the subtree it lists."""
-    import compileall
-
-    import calico_mount_reaper
     from calico_mount_reaper.config import MOUNT_API_ENV, Config
     from calico_mount_reaper.mounttable import KernelTable, MountinfoTable
     from calico_mount_reaper.plan import Mode
     from calico_mount_reaper.reaper import read_table, run_pass
 
-    # Byte-compiled, as every install is (pip at install time, py3compile in the .deb's
-    # postinst, rpmbuild): an editable checkout under PYTHONDONTWRITEBYTECODE=1 would compile
-    # the package from source on every `status` run, 15-20 ms no user pays.
-    compileall.compile_dir(os.path.dirname(calico_mount_reaper.__file__), quiet=1)
     config = Config()
     for fstype, path in (
         ("cgroup2", "/run/calico/cgroup"),
