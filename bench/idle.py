@@ -29,7 +29,7 @@ from pathlib import Path
 from measure import context_switches, fmt, rss_mb, thread_cpu_ns
 from model import Row, Size
 from mounts import grow_base, mount_target
-from procs import DaemonProc, Watch
+from procs import DaemonProc, Datagrams, Watch
 
 from tests.support.daemon_harness import owner_exe
 from tests.support.system_bus import Bus
@@ -51,28 +51,22 @@ def unit_watchdog_seconds(unit: Path = UNIT) -> float:
     return int(found.group(1)) * (60 if found.group(2) == "min" else 1)
 
 
-class Uevents:
+class Uevents(Datagrams):
     """Every kernel uevent this network namespace hears, timestamped on arrival: the same
     stream the daemon's monitor gets (net devices of this namespace; other subsystems from
     the whole machine, which are not scoped to a namespace)."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(
-            socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK, NETLINK_KOBJECT_UEVENT
+        super().__init__(
+            socket.socket(
+                socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK, NETLINK_KOBJECT_UEVENT
+            )
         )
         self.sock.bind((0, 1))  # the kernel's multicast group
         self.heard: list[tuple[float, str]] = []  # (arrival, subsystem)
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
     def pump(self) -> None:
-        now = time.monotonic()
-        while True:
-            try:
-                message = self.sock.recv(1 << 16)
-            except BlockingIOError:
-                return
+        for now, message in self.drain():
             fields = dict(part.split(b"=", 1) for part in message.split(b"\0")[1:] if b"=" in part)
             self.heard.append((now, fields.get(b"SUBSYSTEM", b"?").decode()))
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -64,23 +64,34 @@ class Lines:
 
 
 class Datagrams:
-    """The notify socket: each sd_notify message with its arrival time."""
+    """A non-blocking datagram socket, drained on each wake of a selector: every message with
+    the time of the wake it arrived by."""
 
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
-        self.sock.bind(path)
-        self.lines: list[tuple[float, str]] = []
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def pump(self) -> None:
+    def drain(self) -> Iterator[tuple[float, bytes]]:
         now = time.monotonic()
         while True:
             try:
-                self.lines.append((now, self.sock.recv(4096).decode()))
+                yield now, self.sock.recv(1 << 16)
             except BlockingIOError:
                 return
+
+
+class Notifications(Datagrams):
+    """The notify socket: each sd_notify message with its arrival time."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK))
+        self.sock.bind(path)
+        self.lines: list[tuple[float, str]] = []
+
+    def pump(self) -> None:
+        self.lines.extend((now, message.decode()) for now, message in self.drain())
 
 
 class Source(Protocol):
@@ -122,7 +133,7 @@ class Watch:
             self.poll(left)
 
 
-def first(source: Lines | Datagrams, text: str, since: int = 0) -> float | None:
+def first(source: Lines | Notifications, text: str, since: int = 0) -> float | None:
     """Arrival time of the first line from index ``since`` on that contains ``text``."""
     for when, line in source.lines[since:]:
         if text in line:
@@ -143,7 +154,7 @@ class DaemonProc:
         notify_path = os.path.join(workdir, "notify.sock")
         if os.path.exists(notify_path):
             os.unlink(notify_path)
-        self.notify = Datagrams(notify_path)
+        self.notify = Notifications(notify_path)
         self.env = {
             k: v
             for k, v in os.environ.items()

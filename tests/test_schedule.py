@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from calico_mount_reaper.model import ReapOnStop
 from calico_mount_reaper.schedule import (
@@ -146,15 +148,23 @@ def apply(s: Schedule, kind: str, now: float, dt: float, flag: bool) -> Schedule
     return s.after_error(now)
 
 
-@given(events, st.sampled_from([None, 0.5, 30.0]))
-def test_the_loop_never_sleeps_past_a_deadline_that_wakes_it(
+def walk(
     steps: list[tuple[str, float, bool]], half_watchdog: float | None
-) -> None:
+) -> Iterator[tuple[float, Schedule]]:
+    """The schedule after each of ``steps``, with the time it was taken at."""
     now = 0.0
     s = Schedule.start(now, rescan_every=2.0, half_watchdog=half_watchdog)
     for kind, dt, flag in steps:
         now += dt
         s = apply(s, kind, now, dt, flag)
+        yield now, s
+
+
+@given(events, st.sampled_from([None, 0.5, 30.0]))
+def test_the_loop_never_sleeps_past_a_deadline_that_wakes_it(
+    steps: list[tuple[str, float, bool]], half_watchdog: float | None
+) -> None:
+    for now, s in walk(steps, half_watchdog):
         wait = s.timeout(now)
         assert wait is None or wait >= 0.0
         for job in (Job.PING, Job.REREAD, Job.EVALUATE):
@@ -167,11 +177,7 @@ def test_the_loop_never_sleeps_past_a_deadline_that_wakes_it(
 def test_any_due_says_whether_the_loop_has_a_job_to_look_at(
     steps: list[tuple[str, float, bool]], half_watchdog: float | None, later: float
 ) -> None:
-    now = 0.0
-    s = Schedule.start(now, rescan_every=2.0, half_watchdog=half_watchdog)
-    for kind, dt, flag in steps:
-        now += dt
-        s = apply(s, kind, now, dt, flag)
+    for now, s in walk(steps, half_watchdog):
         for when in (now, now + later):
             assert s.any_due(when) == bool(due(s, when))
 

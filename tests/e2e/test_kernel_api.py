@@ -60,6 +60,17 @@ def _reaps_a_stack(c: harness.Container) -> None:
     c.wait_for(lambda: not mounts_at(c, "/run/calico/cgroup"), timeout=30, what="reap")
 
 
+def _on_the_kernel_api_with_fanotify(c: harness.Container) -> None:
+    """The daemon's own word: listmount for the table, fanotify for events, nothing degraded
+    (no-listmount, no-fanotify, nor anything else missing), in the journal and in STATUS=."""
+    started = _started(c)
+    assert started["MOUNT_API"] == "listmount", started
+    assert started["MOUNT_EVENTS"] == "fanotify", started
+    assert not reaper_events(c, "DEGRADED", _SYSTEMD_UNIT=UNIT), c.journal("-u", UNIT)
+    status = c.run(["systemctl", "show", "-P", "StatusText", UNIT]).stdout
+    assert "mount table: listmount, events: fanotify" in status, status
+
+
 @pytest.fixture(autouse=True)
 def _no_nspawn_filter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SYSTEMD_SECCOMP", "0")  # read by systemd-nspawn on the host only
@@ -85,12 +96,7 @@ def test_shipped_unit_on_systemd_252_falls_back_once_and_still_reaps(boot: Boot)
 def test_without_the_syscall_filter_the_daemon_reads_through_the_kernel_api(boot: Boot) -> None:
     drop_in = f"/etc/systemd/system/{UNIT}.d/50-no-syscall-filter.conf"
     c = booted(boot, grace=0.5, kubelet=False, **{drop_in: NO_FILTER})
-    started = _started(c)
-    assert started["MOUNT_API"] == "listmount", started
-    assert started["MOUNT_EVENTS"] == "fanotify", started
-    assert not reaper_events(c, "DEGRADED", _SYSTEMD_UNIT=UNIT), c.journal("-u", UNIT)
-    status = c.run(["systemctl", "show", "-P", "StatusText", UNIT]).stdout
-    assert "mount table: listmount, events: fanotify" in status, status
+    _on_the_kernel_api_with_fanotify(c)
     _reaps_a_stack(c)
 
 
@@ -133,13 +139,7 @@ def test_shipped_unit_on_systemd_257_gets_the_kernel_api_and_fanotify_mount_even
         assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
 
         # The daemon's own word, under the filter (Seccomp: 2) of the unit as shipped.
-        started = _started(c)
-        assert started["MOUNT_API"] == "listmount", started
-        assert started["MOUNT_EVENTS"] == "fanotify", started
-        # Nothing refused (no-listmount, no-fanotify), nor anything else missing.
-        assert not reaper_events(c, "DEGRADED", _SYSTEMD_UNIT=UNIT), c.journal("-u", UNIT)
-        status = c.run(["systemctl", "show", "-P", "StatusText", UNIT]).stdout
-        assert "mount table: listmount, events: fanotify" in status, status
+        _on_the_kernel_api_with_fanotify(c)
         pid = c.run(["systemctl", "show", "-P", "MainPID", UNIT]).stdout.strip()
         assert "\nSeccomp:\t2\n" in c.run(["cat", f"/proc/{pid}/status"]).stdout
         # And the watch is really open: a fanotify group among the daemon's descriptors.
