@@ -59,6 +59,14 @@ def rereads(log: str) -> int:
     return int(found.group(1))
 
 
+def reap_and_stop(run: DaemonRun, what: str) -> str:
+    """Mount a target, wait for the daemon to reap it, stop the daemon cleanly: its log."""
+    run.mount("cgroup2", CGROUP)
+    run.wait_until(lambda: run.mounted(CGROUP) == 0, what=what)
+    assert run.stop() == 0
+    return run.log()
+
+
 def started(log: str) -> str:
     line = next((x for x in log.splitlines() if "mount events via" in x), None)
     assert line is not None, log[-2000:]
@@ -71,10 +79,7 @@ def test_a_target_mount_is_noticed_through_fanotify_and_reaped(tmp_path: Path) -
         run.wait_notify("READY=1")
         assert "mount events via fanotify" in started(run.log())
         assert any("events: fanotify" in m for _, m in run.messages), run.messages
-        run.mount("cgroup2", CGROUP)
-        run.wait_until(lambda: run.mounted(CGROUP) == 0, what="reap of a mount fanotify named")
-        assert run.stop() == 0
-        log = run.log()
+        log = reap_and_stop(run, "reap of a mount fanotify named")
     assert "calico target /run/calico/cgroup (cgroup2) appeared" in log
     assert "DEGRADED" not in log
 
@@ -129,10 +134,7 @@ def test_a_new_target_is_journaled_before_its_verdict_and_without_a_reread(
     with DaemonRun(tmp_path, config=QUIET) as run:
         run.start()
         run.wait_notify("READY=1")
-        run.mount("cgroup2", CGROUP)
-        run.wait_until(lambda: run.mounted(CGROUP) == 0, what="reap of the placed target")
-        assert run.stop() == 0
-        log = run.log()
+        log = reap_and_stop(run, "reap of the placed target")
     appeared = log.index("calico target /run/calico/cgroup (cgroup2) appeared")
     assert appeared < log.index("reaped /run/calico/cgroup"), log[-2000:]
     # The first pass, and the reap's read after its unmount: none for the attach itself.
@@ -193,10 +195,7 @@ def test_forced_mountinfo_keeps_pollpri_and_still_reaps(tmp_path: Path) -> None:
         run.wait_notify("READY=1")
         assert "mount events via pollpri" in started(run.log())
         assert any("mount table: mountinfo, events: pollpri" in m for _, m in run.messages)
-        run.mount("cgroup2", CGROUP)
-        run.wait_until(lambda: run.mounted(CGROUP) == 0, what="reap on the POLLPRI path")
-        assert run.stop() == 0
-        assert "DEGRADED" not in run.log()
+        assert "DEGRADED" not in reap_and_stop(run, "reap on the POLLPRI path")
 
 
 def test_a_refused_fanotify_says_so_once_and_falls_back_to_pollpri(tmp_path: Path) -> None:
@@ -204,10 +203,7 @@ def test_a_refused_fanotify_says_so_once_and_falls_back_to_pollpri(tmp_path: Pat
     with DaemonRun(tmp_path, config=QUIET, wrapper=wrapper) as run:
         run.start()
         run.wait_notify("READY=1")
-        run.mount("cgroup2", CGROUP)
-        run.wait_until(lambda: run.mounted(CGROUP) == 0, what="reap on the POLLPRI path")
-        assert run.stop() == 0
-        log = run.log()
+        log = reap_and_stop(run, "reap on the POLLPRI path")
     assert "mount table via listmount" in started(log)  # statmount is still allowed
     assert "mount events via pollpri" in started(log)
     degraded = [x for x in log.splitlines() if "fanotify_init" in x and "refused" in x]
